@@ -1,0 +1,187 @@
+"""The `rtb` command: one subcommand per pipeline stage, each a thin wrapper doing I/O.
+
+Airflow tasks call exactly these commands inside the job image. Every failure the user can fix
+is an `RtbError`; it is printed as one line on stderr and the process exits 1. Heavy imports
+happen inside the commands so that `rtb --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rtb.config import DATASET_CONFIG_ENV, ProjectPaths, default_project_dir
+from rtb.errors import RtbError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+log = logging.getLogger("rtb")
+
+ProjectDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--project-dir",
+        help="Folder holding data/, models/, reports/ (default: $RTB_PROJECT_DIR, else .).",
+    ),
+]
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset-config",
+        envvar=DATASET_CONFIG_ENV,
+        help="Builtin config name (rtb, talkingdata) or path to a dataset YAML.",
+    ),
+]
+SplitOption = Annotated[str, typer.Option("--split", help="train or test")]
+
+
+def _paths(project_dir: Path | None) -> ProjectPaths:
+    return ProjectPaths((project_dir or default_project_dir()).resolve())
+
+
+def _split(split: str) -> str:
+    if split not in ("train", "test"):
+        raise RtbError(f"--split: expected 'train' or 'test', got {split!r}")
+    return split
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the two .csv.gz files.")],
+    rows_train: Annotated[int, typer.Option("--rows-train")] = 200_000,
+    rows_test: Annotated[int, typer.Option("--rows-test")] = 50_000,
+    seed: Annotated[int, typer.Option("--seed")] = 7,
+) -> None:
+    """Write a realistic synthetic training_data.csv.gz and test_data.csv.gz."""
+    from rtb.data.generate import generate_raw
+
+    generate_raw(out, rows_train=rows_train, rows_test=rows_test, seed=seed)
+
+
+@app.command("make-dataset")
+def make_dataset(
+    split: SplitOption = "train",
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+) -> None:
+    """Validate a raw gzip CSV and write data/interim/<split>.parquet."""
+    from rtb.data.make_dataset import run_make_dataset
+    from rtb.dataset_config import load_dataset_config
+
+    run_make_dataset(_paths(project_dir), _split(split), load_dataset_config(dataset_config))
+
+
+@app.command()
+def preprocess(
+    split: SplitOption = "train",
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+) -> None:
+    """Derive features and write data/processed/<split>_df.csv."""
+    from rtb.data.preprocessing import run_preprocess
+    from rtb.dataset_config import load_dataset_config
+
+    run_preprocess(_paths(project_dir), _split(split), load_dataset_config(dataset_config))
+
+
+@app.command()
+def train(
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+    cv_folds: Annotated[int, typer.Option("--cv-folds", min=2)] = 3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Fit baseline and challenger, report CV + time holdout, promote if better."""
+    from rtb.dataset_config import load_dataset_config
+    from rtb.models.make_training import run_training
+
+    run_training(
+        _paths(project_dir), load_dataset_config(dataset_config), cv_folds=cv_folds, seed=seed
+    )
+
+
+@app.command()
+def predict(
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model pickle (default: the champion).")
+    ] = None,
+) -> None:
+    """Score data/processed/test_df.csv; write predictions_<version>.npy/.csv + sidecar."""
+    from rtb.dataset_config import load_dataset_config
+    from rtb.models.make_predicting import run_predicting
+
+    run_predicting(_paths(project_dir), load_dataset_config(dataset_config), model_path=model)
+
+
+@app.command("check-model")
+def check_model(project_dir: ProjectDirOption = None) -> None:
+    """Exit non-zero unless a verified champion model exists (the predict DAG's first gate)."""
+    from rtb.models.registry import load_champion_entry
+
+    entry = load_champion_entry(_paths(project_dir).models_dir)
+    log.info("champion model %s (sha256 %s) is present and verified", entry.path.name, entry.sha256)
+
+
+@app.command()
+def serve(
+    project_dir: ProjectDirOption = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    model: Annotated[Path | None, typer.Option("--model")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch")] = 1000,
+    reload_seconds: Annotated[float, typer.Option("--reload-seconds")] = 5.0,
+) -> None:
+    """Serve the champion model over HTTP (POST /predict, GET /health, GET /model)."""
+    from rtb.serving.app import run_server
+
+    run_server(
+        _paths(project_dir),
+        host=host,
+        port=port,
+        model_path=model,
+        max_batch=max_batch,
+        reload_seconds=reload_seconds,
+    )
+
+
+def configure_logging() -> None:
+    """One format for every stage, so Airflow task logs read the same everywhere."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    """Entry point: run the command; an RtbError becomes one line on stderr and exit 1."""
+    configure_logging()
+    started = time.perf_counter()
+    try:
+        app(standalone_mode=False)
+    except RtbError as exc:
+        print(f"rtb: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("rtb: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and bugs alike must not exit 0
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    log.debug("finished in %.1f s", time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Column roles of a raw dataset, loaded from YAML, so that one pipeline serves several logs.
+
+The default is the RTB schema (`configs/rtb.yaml`); `configs/talkingdata.yaml` describes the
+public TalkingData click log. Pass another file with `--dataset-config` or `RTB_DATASET_CONFIG`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from rtb.errors import RtbError
+from rtb.io_utils import read_yaml
+
+BUILTIN_CONFIGS = ("rtb", "talkingdata")
+ROW_ID = "row_id"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which raw column plays which role."""
+
+    name: str
+    separator: str
+    files: dict[str, str]
+    id: str | None
+    timestamp: str
+    target: str
+    categorical: list[str]
+    numerical: list[str]
+    datetimes: dict[str, str] = field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
+    crosses: list[list[str]] = field(default_factory=list)
+    source: str = "<builtin>"
+
+    @property
+    def id_column(self) -> str:
+        """The id column in processed data (`row_id` when the raw log has none)."""
+        return self.id or ROW_ID
+
+    def raw_columns(self, split: str) -> list[str]:
+        """Columns a raw file of `split` must have; test files carry no target."""
+        cols = ([self.id] if self.id else []) + [self.timestamp]
+        cols += self.categorical + self.numerical + list(self.datetimes)
+        if split == "train":
+            cols.append(self.target)
+        return cols
+
+    @property
+    def derived_numerical(self) -> list[str]:
+        """Numeric features the preprocessing stage adds (recency, hour, weekday)."""
+        recency = list(self.datetimes.values())
+        return recency + [f"{name}_missing" for name in recency] + ["hour", "weekday"]
+
+    @property
+    def feature_numerical(self) -> list[str]:
+        return self.numerical + self.derived_numerical
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """What the model pipeline reads from a processed frame."""
+        return self.categorical + self.feature_numerical
+
+
+def load_dataset_config(name_or_path: str | Path | None = None) -> DatasetConfig:
+    """Load a builtin config by name (`rtb`, `talkingdata`) or a YAML file by path."""
+    name_or_path = name_or_path or "rtb"
+    if str(name_or_path) in BUILTIN_CONFIGS:
+        resource = resources.files("rtb") / "configs" / f"{name_or_path}.yaml"
+        with resources.as_file(resource) as path:
+            payload, source = read_yaml(path), str(name_or_path)
+    else:
+        payload, source = read_yaml(Path(name_or_path)), str(name_or_path)
+    required = ["name", "separator", "files", "timestamp", "target", "categorical", "numerical"]
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise RtbError(f"{source}: dataset config lacks required keys {missing}")
+    payload.setdefault("id", None)
+    payload["datetimes"] = dict(payload.get("datetimes") or {})
+    payload["drop"] = list(payload.get("drop") or [])
+    payload["crosses"] = [list(c) for c in payload.get("crosses") or []]
+    config = DatasetConfig(source=source, **payload)
+    _check_roles(config)
+    return config
+
+
+def _check_roles(config: DatasetConfig) -> None:
+    roles = config.raw_columns("train")
+    duplicated = sorted({c for c in roles if roles.count(c) > 1})
+    if duplicated:
+        raise RtbError(f"{config.source}: columns {duplicated} have more than one role")
+    leaked = sorted(set(config.drop) & set(roles))
+    if leaked:
+        raise RtbError(f"{config.source}: columns {leaked} are both dropped and used")
+    for cross in config.crosses:
+        unknown = [c for c in cross if c not in config.categorical]
+        if unknown or len(cross) < 2:
+            raise RtbError(f"{config.source}: cross {cross} must name 2+ categorical columns")
