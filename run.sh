@@ -1,0 +1,247 @@
+#!/bin/sh
+# run.sh: the local Airflow stack in one command.
+#
+#   sh run.sh              build the images, make a sample dataset if data/raw/ has none,
+#                          start Airflow and wait until every component is healthy
+#   sh run.sh train        run train_pipeline now and follow it to the end (exit 1 if it fails)
+#   sh run.sh predict      the same for predict_pipeline
+#   sh run.sh serve        start the scoring service (compose profile `serving`)
+#   sh run.sh down [-v]    stop everything; -v also deletes the Airflow database and task logs
+#   sh run.sh compose ...  any `docker compose` command, with the env files below
+#
+# Host needs: a POSIX sh and Docker with the compose plugin. Nothing else: the REST calls of
+# `train`/`predict` run with the python inside the api-server container (`docker compose exec`).
+#
+# Settings. `.env` (committed) holds non-secret defaults: compose project name, image tags,
+# ports. This script writes `.env.local` (not committed; mode 600) with this install's values:
+# the host project dir, your uid/gid, the docker socket and its gid, and a JWT secret that is
+# generated once and kept across runs. It also creates airflow/simple_auth_manager_passwords.json
+# ({"airflow": "airflow"}) if missing. compose is always called as
+#   docker compose --env-file .env --env-file .env.local ...
+# so use `sh run.sh compose ...` (or those flags) rather than a bare `docker compose`.
+# A variable set in the shell wins over both files, e.g. `AIRFLOW_PORT=8081 sh run.sh`.
+#
+# Also read from the environment: RTB_SAMPLE_ROWS (training rows of the generated sample,
+# default 200000) and RTB_SAMPLE_TEST_ROWS (default a quarter of that); BASE_IMAGE (base of
+# both images, default python:3.11-slim-bookworm); RTB_RUN_TIMEOUT (seconds `train`/`predict`
+# follow a run, default 7200).
+set -eu
+
+cd "$(dirname "$0")"
+ROOT=$(pwd -P)
+PASSWORDS_FILE=airflow/simple_auth_manager_passwords.json
+
+say() { printf 'run.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+compose() { docker compose --env-file .env --env-file .env.local "$@"; }
+
+# setting NAME DEFAULT: NAME from the shell, else from .env.local, else .env, else DEFAULT.
+setting() {
+    eval "_value=\${$1:-}"
+    if [ -z "$_value" ]; then
+        for _file in .env.local .env; do
+            [ -f "$_file" ] || continue
+            _value=$(sed -n "s/^$1=//p" "$_file" | tail -n 1)
+            [ -n "$_value" ] && break
+        done
+    fi
+    case $_value in "'"*"'") _value=${_value#"'"}; _value=${_value%"'"} ;; esac
+    printf '%s' "${_value:-$2}"
+}
+
+docker_socket() {
+    case ${DOCKER_HOST:-} in
+        unix://*) printf '%s' "${DOCKER_HOST#unix://}" ;;
+        *) printf '%s' /var/run/docker.sock ;;
+    esac
+}
+
+# Host folders first, as the invoking user: if Docker created them for a bind mount they
+# would belong to root.
+make_folders() {
+    mkdir -p data/raw data/interim data/processed data/predictions models reports
+}
+
+write_settings() {
+    command -v docker > /dev/null 2>&1 || die "docker is not installed"
+    docker info > /dev/null 2>&1 || die "cannot reach the Docker engine (is it running? may you use it?)"
+    make_folders
+    secret=$(setting AIRFLOW_JWT_SECRET "")
+    [ -n "$secret" ] || secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+    socket=$(docker_socket)
+    socket_gid=$(stat -c %g "$socket" 2> /dev/null || stat -f %g "$socket" 2> /dev/null || echo 0)
+    tmp=".tmp-env-local.$$"
+    (
+        umask 077
+        {
+            echo "# Written by run.sh: this install's settings and secrets. Not committed."
+            echo "# Re-run \`sh run.sh\` to refresh; the JWT secret is kept."
+            echo "RTB_HOST_PROJECT_DIR='$ROOT'"
+            echo "RTB_HOST_UID=$(id -u)"
+            echo "RTB_HOST_GID=$(id -g)"
+            echo "DOCKER_SOCKET='$socket'"
+            echo "DOCKER_GID=$socket_gid"
+            echo "AIRFLOW_JWT_SECRET=$secret"
+        } > "$tmp"
+    )
+    mv "$tmp" .env.local
+    if [ ! -f "$PASSWORDS_FILE" ]; then
+        (umask 077 && printf '{"airflow": "airflow"}\n' > "$PASSWORDS_FILE")
+    fi
+}
+
+build_images() {
+    say "building the Airflow image and the job image (base ${BASE_IMAGE:-python:3.11-slim-bookworm})"
+    compose --profile serving build airflow-init scoring
+}
+
+ensure_sample() {
+    for _file in data/raw/*.csv.gz; do
+        [ -e "$_file" ] && return 0
+    done
+    rows=${RTB_SAMPLE_ROWS:-200000}
+    test_rows=${RTB_SAMPLE_TEST_ROWS:-$((rows / 4))}
+    say "data/raw/ has no *.csv.gz: generating a realistic SYNTHETIC sample ($rows training" \
+        "rows, $test_rows test rows). To use real logs, put training_data.csv.gz and" \
+        "test_data.csv.gz in data/raw/ instead."
+    docker run --rm --network none --user "$(id -u):$(id -g)" \
+        -v "$ROOT/data/raw:/out" "$(setting RTB_JOB_IMAGE rtb-pipeline-job:latest)" \
+        generate --out /out --rows-train "$rows" --rows-test "$test_rows"
+}
+
+up() {
+    write_settings
+    build_images
+    ensure_sample
+    say "starting Airflow (waits until every component is healthy)"
+    compose up -d --wait --wait-timeout 600
+    port=$(setting AIRFLOW_PORT 8080)
+    cat << EOF
+
+Airflow is up: http://localhost:$port  (UI and REST API, bound to $(setting AIRFLOW_BIND 127.0.0.1) only)
+Login: airflow / airflow. This is a local-only login (SimpleAuthManager). To change the
+password, edit $PASSWORDS_FILE; to change users, AIRFLOW_USERS in .env (then \`sh run.sh\`).
+
+  sh run.sh train      run train_pipeline now and follow it
+  sh run.sh predict    run predict_pipeline now and follow it
+  sh run.sh down       stop (add -v to also delete the Airflow database and logs)
+EOF
+}
+
+# Unpause the DAG, trigger a run through the REST API v2 and print each task's state until the
+# run ends. Runs in the api-server container, so the host needs neither curl nor python.
+run_dag() {
+    compose exec -T airflow-apiserver python - "$1" "$(setting AIRFLOW_PORT 8080)" \
+        "${RTB_RUN_TIMEOUT:-7200}" << 'PY'
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+dag_id, host_port, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+BASE = "http://localhost:8080"
+
+
+def call(method, path, body=None, token=None):
+    request = urllib.request.Request(
+        BASE + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def out(message):
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+user = os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")[0].split(":")[0]
+with open(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]) as f:
+    password = json.load(f)[user]
+token = call("POST", "/auth/token", {"username": user, "password": password})["access_token"]
+
+deadline = time.monotonic() + 120
+while True:  # right after start-up the dag-processor may not have parsed the file yet
+    try:
+        call("GET", f"/api/v2/dags/{dag_id}", token=token)
+        break
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404 or time.monotonic() > deadline:
+            sys.exit(f"run.sh: error: DAG {dag_id} not found ({exc.code}); see Import errors in the UI")
+        time.sleep(3)
+
+call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
+run = call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None}, token=token)
+run_id = run["dag_run_id"]
+quoted = urllib.parse.quote(run_id, safe="")
+out(f"{dag_id}: triggered run {run_id} (the DAG is now unpaused, so its schedule is on)")
+out(f"follow it at http://localhost:{host_port}/dags/{dag_id}/runs/{quoted}")
+
+seen = {}
+deadline = time.monotonic() + timeout
+while True:
+    tis = call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances", token=token)
+    for ti in sorted(tis["task_instances"], key=lambda t: t.get("start_date") or "~"):
+        state = (ti["state"], ti["try_number"])
+        if seen.get(ti["task_id"]) != state:
+            seen[ti["task_id"]] = state
+            out(f"  {ti['task_id']:<14} {ti['state'] or 'no status yet'} (try {ti['try_number']})")
+    state = call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", token=token)["state"]
+    if state in ("success", "failed"):
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"run.sh: error: {dag_id} run {run_id} still {state} after {timeout:.0f} s")
+    time.sleep(3)
+
+out(f"{dag_id}: run {run_id} {state}")
+if state != "success":
+    for ti in tis["task_instances"]:
+        if ti["state"] != "failed":
+            continue
+        path = (
+            f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{ti['task_id']}"
+            f"/logs/{ti['try_number']}"
+        )
+        try:
+            lines = [str(c.get("event", c)) if isinstance(c, dict) else str(c)
+                     for c in call("GET", path, token=token).get("content", [])]
+        except urllib.error.HTTPError:
+            lines = []
+        errors = [line for line in lines if "rtb: error:" in line or "Traceback" in line]
+        out(f"  {ti['task_id']} failed; from its log:")
+        for line in (errors or lines[-10:]):
+            print(f"    {line}", flush=True)
+    sys.exit(1)
+PY
+}
+
+command=${1:-up}
+[ $# -gt 0 ] && shift
+case $command in
+    up) up ;;
+    down)
+        write_settings
+        compose --profile serving down "$@"
+        ;;
+    train) write_settings && run_dag train_pipeline ;;
+    predict) write_settings && run_dag predict_pipeline ;;
+    serve)
+        write_settings
+        compose --profile serving up -d --wait --wait-timeout 120 scoring
+        say "scoring service: http://localhost:$(setting SCORING_PORT 8000) (GET /health, POST /predict)"
+        ;;
+    compose)
+        write_settings
+        compose "$@"
+        ;;
+    -h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command '$command' (try: sh run.sh help)" ;;
+esac
