@@ -8,6 +8,8 @@ job image it is a bind mount, on a laptop it is the checkout; `RTB_PROJECT_DIR` 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,3 +76,12 @@ class ProjectPaths:
 def new_version(now: datetime | None = None) -> str:
     """A UTC timestamp version such as 20260101T060000Z."""
     return (now or datetime.now(UTC)).strftime(VERSION_FORMAT)
+
+
+def claim_version(taken: Callable[[str], bool]) -> str:
+    """A new version for which `taken(version)` is false (versions have 1 s resolution)."""
+    while True:
+        version = new_version()
+        if not taken(version):
+            return version
+        time.sleep(0.5)

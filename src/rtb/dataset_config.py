@@ -49,9 +49,13 @@ class DatasetConfig:
 
     @property
     def derived_numerical(self) -> list[str]:
-        """Numeric features the preprocessing stage adds (recency, hour, weekday)."""
+        """Numeric features the preprocessing stage adds (recency, hour of day).
+
+        No weekday: a training window of days to weeks cannot teach a weekday effect, and a
+        test day whose weekday training never saw gets an extrapolated guess.
+        """
         recency = list(self.datetimes.values())
-        return recency + [f"{name}_missing" for name in recency] + ["hour", "weekday"]
+        return recency + [f"{name}_missing" for name in recency] + ["hour"]
 
     @property
     def feature_numerical(self) -> list[str]:

@@ -19,6 +19,7 @@ import yaml
 from rtb.errors import RtbError
 
 TMP_PREFIX = ".tmp-"
+EXISTS = "already exists; versioned artifacts are never overwritten"
 
 
 @contextlib.contextmanager
@@ -35,7 +36,7 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except OSError as exc:
         raise RtbError(f"{final.parent}: cannot create output folder ({exc.strerror})") from exc
     if not overwrite and final.exists():
-        raise RtbError(f"{final}: already exists; versioned artifacts are never overwritten")
+        raise RtbError(f"{final}: {EXISTS}")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
     except OSError as exc:
@@ -51,7 +52,7 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
             try:
                 os.link(tmp, final)
             except FileExistsError as exc:
-                raise RtbError(f"{final}: already exists; versioned artifacts are never overwritten") from exc
+                raise RtbError(f"{final}: {EXISTS}") from exc
             tmp.unlink()
         _fsync_dir(final.parent)
     except OSError as exc:

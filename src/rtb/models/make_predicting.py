@@ -1,0 +1,79 @@
+"""Stage 4: score the processed test set with one verified model, keyed by a new version.
+
+The model is resolved once (the champion, or `--model`), verified against its recorded
+sha256, and named with that sha256 beside the predictions, so a training run promoting a new
+champion halfway through cannot mix two models into one output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from rtb.config import ProjectPaths, claim_version
+from rtb.data.preprocessing import read_processed
+from rtb.dataset_config import DatasetConfig
+from rtb.errors import RtbError
+from rtb.io_utils import atomic_path, sha256_file, write_yaml
+from rtb.models import registry
+from rtb.models.pipeline import feature_frame
+
+log = logging.getLogger(__name__)
+
+
+def predict(model: object, frame, cfg: DatasetConfig) -> np.ndarray:  # noqa: ANN001
+    """Pure core: probability of install for each row, in input order."""
+    try:
+        probabilities = model.predict_proba(feature_frame(frame, cfg))[:, 1]
+    except KeyError as exc:
+        raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if not np.all(np.isfinite(probabilities)):
+        raise RtbError("model produced non-finite probabilities; refusing to write them")
+    return probabilities
+
+
+def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None) -> Path:
+    """CLI stage: processed test CSV -> predictions_<version>.npy, .csv and .yaml sidecar."""
+    started = time.perf_counter()
+    entry = registry.resolve_model(paths.models_dir, model_path)
+    log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
+    model = registry.load_verified(entry)
+    source = paths.processed("test")
+    input_sha = sha256_file(source) if source.exists() else None
+    frame = read_processed(source, cfg, require_target=False)
+    probabilities = predict(model, frame, cfg)
+    version = claim_version(lambda v: (paths.predictions_dir / f"predictions_{v}.npy").exists())
+    stem = paths.predictions_dir / f"predictions_{version}"
+    with atomic_path(stem.with_suffix(".npy")) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, probabilities)
+    ids = pa.array(frame[cfg.id_column].astype(str).to_numpy())
+    table = pa.table({"id": ids, "probability": pa.array(probabilities)})
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        pcsv.write_csv(table, tmp)
+    sidecar = {
+        "version": version,
+        "rows": int(len(probabilities)),
+        "mean_probability": float(probabilities.mean()),
+        "model": {"file": entry.path.name, "version": entry.version, "sha256": entry.sha256},
+        "input": {"file": source.name, "sha256": input_sha},
+        "outputs": [stem.with_suffix(".npy").name, stem.with_suffix(".csv").name],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_yaml(stem.with_suffix(".yaml"), sidecar)
+    log.info(
+        "scored %d rows (mean probability %.5f) with %s; wrote %s in %.1f s",
+        len(probabilities),
+        probabilities.mean(),
+        entry.path.name,
+        stem.with_suffix(".npy").name,
+        time.perf_counter() - started,
+    )
+    return stem.with_suffix(".npy")
+

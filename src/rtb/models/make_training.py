@@ -1,0 +1,412 @@
+"""Stage 3: fit every candidate, validate on the latest data, calibrate, promote if better.
+
+Validation is time-aware because RTB data drifts: each candidate is fitted on the earliest
+80% of rows and scored on the latest 20% (the holdout). Its Platt calibration is fitted on
+that holdout too, and the holdout metrics use cross-fitted calibration so they stay honest.
+One `cross_validate` call per candidate adds shuffled K-fold metrics (on a row sample when the
+data is large: the folds only need enough rows for a stable estimate).
+The candidate with the best calibrated holdout log loss becomes this run's model; it replaces
+the champion only if it also beats the champion on the same holdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.pipeline import Pipeline
+
+from rtb.config import ProjectPaths, claim_version
+from rtb.data.preprocessing import read_processed
+from rtb.dataset_config import DatasetConfig
+from rtb.errors import RtbError
+from rtb.io_utils import atomic_path, sha256_file, write_yaml
+from rtb.models import registry
+from rtb.models.metrics import (
+    base_rate_entropy,
+    bootstrap_log_loss_uplift,
+    cv_scoring,
+    cv_summary,
+    probability_metrics,
+    reliability_table,
+)
+from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, feature_frame
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_SHARE = 0.2
+CV_MAX_ROWS = 400_000
+SEGMENT_MAX_LEVELS = 12
+LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib")
+
+
+@dataclass
+class CandidateResult:
+    """One candidate's fitted pipeline and everything the report says about it."""
+
+    name: str
+    pipeline: Pipeline
+    holdout_probabilities: np.ndarray
+    holdout: dict[str, float]
+    holdout_uncalibrated: dict[str, float]
+    calibration: dict[str, float]
+    cv: dict[str, dict[str, float]]
+    seconds: float
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "holdout": self.holdout,
+            "holdout_uncalibrated": self.holdout_uncalibrated,
+            "calibration": self.calibration,
+            "cv": self.cv,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class TrainResult:
+    """Everything `train` decided; the CLI wrapper persists it."""
+
+    selected: CandidateResult
+    candidates: list[CandidateResult]
+    frame: pd.DataFrame
+    holdout: np.ndarray
+
+
+def time_holdout_split(stamps: pd.Series, share: float = HOLDOUT_SHARE) -> np.ndarray:
+    """Boolean mask of the latest `share` of rows by timestamp (ties kept together)."""
+    cutoff = stamps.quantile(1.0 - share)
+    holdout = (stamps > cutoff).to_numpy()
+    if not holdout.any() or holdout.all():
+        order = np.argsort(stamps.to_numpy(), kind="stable")
+        holdout = np.zeros(len(stamps), dtype=bool)
+        holdout[order[int(len(stamps) * (1.0 - share)) :]] = True
+    return holdout
+
+
+def fit_platt(log_odds: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Slope and intercept of a 1-D logistic regression on the model's log-odds."""
+    platt = LogisticRegression(C=1e4, max_iter=1000).fit(log_odds.reshape(-1, 1), y)
+    return float(platt.coef_[0, 0]), float(platt.intercept_[0])
+
+
+def cross_fitted_platt(log_odds: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Calibrated holdout probabilities where no row's calibration saw its own label."""
+    out = np.empty(len(y))
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    for fit_rows, score_rows in folds.split(log_odds.reshape(-1, 1), y):
+        slope, intercept = fit_platt(log_odds[fit_rows], y[fit_rows])
+        out[score_rows] = expit(slope * log_odds[score_rows] + intercept)
+    return out
+
+
+def _check_trainable(y: np.ndarray, holdout: np.ndarray, source: str, target: str) -> None:
+    for label, rows in (("earliest 80%", ~holdout), ("latest 20% (holdout)", holdout)):
+        positives = int(y[rows].sum())
+        if positives < 2 or positives > rows.sum() - 2:
+            raise RtbError(
+                f"{source}: column {target!r} has {positives} positives in the {label} of "
+                f"{int(rows.sum())} rows; need both classes in both parts to train and validate"
+            )
+
+
+def fit_candidate(
+    name: str,
+    cfg: DatasetConfig,
+    X: pd.DataFrame,
+    y: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    cv_folds: int,
+    seed: int,
+) -> CandidateResult:
+    """Fit on the early rows, calibrate and score on the holdout, cross-validate on a sample."""
+    started = time.perf_counter()
+    pipeline = build_pipeline(name, cfg, seed)
+    pipeline.fit(X[~holdout], y[~holdout])
+    X_hold, y_hold = X[holdout], y[holdout]
+    log_odds = pipeline[-1].raw_log_odds(pipeline[:-1].transform(X_hold))
+    slope, intercept = fit_platt(log_odds, y_hold)
+    pipeline.set_params(model__slope=slope, model__intercept=intercept)
+    calibrated = cross_fitted_platt(log_odds, y_hold, seed)
+    cv_rows = _cv_sample(len(y), seed)
+    cv_result = cross_validate(
+        clone(pipeline),
+        X.iloc[cv_rows],
+        y[cv_rows],
+        cv=StratifiedKFold(cv_folds, shuffle=True, random_state=seed),
+        scoring=cv_scoring(),
+        error_score="raise",
+    )
+    result = CandidateResult(
+        name=name,
+        pipeline=pipeline,
+        holdout_probabilities=calibrated,
+        holdout=probability_metrics(y_hold, calibrated),
+        holdout_uncalibrated=probability_metrics(y_hold, expit(log_odds)),
+        calibration={"method": "platt_on_log_odds", "slope": slope, "intercept": intercept},
+        cv=cv_summary(cv_result) | {"rows": int(len(cv_rows)), "folds": cv_folds},
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "%s: holdout log_loss %.5f, NE %.4f, AUC %.4f, calibration %.3f; CV log_loss %.5f "
+        "(%d rows); %.1f s",
+        name,
+        result.holdout["log_loss"],
+        result.holdout["normalized_entropy"],
+        result.holdout["roc_auc"],
+        result.holdout["calibration_ratio"],
+        result.cv["log_loss"]["mean"],
+        len(cv_rows),
+        result.seconds,
+    )
+    return result
+
+
+def _cv_sample(n_rows: int, seed: int) -> np.ndarray:
+    if n_rows <= CV_MAX_ROWS:
+        return np.arange(n_rows)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_rows, size=CV_MAX_ROWS, replace=False))
+
+
+def segment_calibration(
+    frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, cfg: DatasetConfig
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Calibration ratio per level of each low-cardinality categorical (platform, connection)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in cfg.categorical:
+        values = frame[name].astype(str).to_numpy()
+        levels = pd.unique(values)
+        if len(levels) > SEGMENT_MAX_LEVELS:
+            continue
+        out[name] = {}
+        for level in sorted(levels):
+            rows = values == level
+            observed = float(y[rows].mean())
+            out[name][str(level)] = {
+                "rows": int(rows.sum()),
+                "observed_rate": observed,
+                "mean_predicted": float(p[rows].mean()),
+                "calibration_ratio": float(p[rows].mean() / observed) if observed else None,
+            }
+    return out
+
+
+def train(
+    frame: pd.DataFrame,
+    cfg: DatasetConfig,
+    *,
+    cv_folds: int = 3,
+    seed: int = 0,
+    candidates: tuple[str, ...] = tuple(CANDIDATES),
+    source: str = "train_df.csv",
+) -> TrainResult:
+    """Pure core: processed frame -> every candidate fitted and scored, the best selected."""
+    unknown = [name for name in candidates if name not in CANDIDATES]
+    if BASELINE not in candidates:
+        candidates = (BASELINE, *candidates)
+    if unknown:
+        raise RtbError(f"unknown candidate model(s) {unknown}; known: {list(CANDIDATES)}")
+    # Time order matters: target encodings of a row may only use the rows before it.
+    frame = frame.sort_values(cfg.timestamp, kind="stable", ignore_index=True)
+    y = frame[cfg.target].to_numpy().astype(np.int8)
+    holdout = time_holdout_split(frame[cfg.timestamp])
+    _check_trainable(y, holdout, source, cfg.target)
+    X = feature_frame(frame, cfg)
+    log.info(
+        "training on %d rows (%d early, %d holdout after %s), base rate %.4f",
+        len(y),
+        int((~holdout).sum()),
+        int(holdout.sum()),
+        frame[cfg.timestamp][holdout].min(),
+        y.mean(),
+    )
+    results = [
+        fit_candidate(name, cfg, X, y, holdout, cv_folds=cv_folds, seed=seed) for name in candidates
+    ]
+    selected = min(results, key=lambda r: r.holdout["log_loss"])
+    log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
+    return TrainResult(selected=selected, candidates=results, frame=frame, holdout=holdout)
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _git_sha() -> str | None:
+    if os.environ.get("RTB_GIT_SHA"):
+        return os.environ["RTB_GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _plain_params(pipeline: Pipeline) -> dict[str, object]:
+    """Model parameters that YAML can hold (estimator objects are named by their class)."""
+    return {
+        key: _plain(value)
+        for key, value in pipeline.get_params(deep=True).items()
+        if key not in ("steps", "memory", "verbose") and not key.endswith("__steps")
+    }
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def _compare_with_champion(
+    paths: ProjectPaths,
+    cfg: DatasetConfig,
+    frame: pd.DataFrame,
+    holdout: np.ndarray,
+    selected: CandidateResult,
+    seed: int,
+) -> tuple[registry.ModelEntry | None, dict[str, object]]:
+    """Score the current champion on this run's holdout; promote only if we beat it."""
+    champion = registry.current_champion(paths.models_dir)
+    if champion is None:
+        return None, {"promoted": True, "reason": "no champion yet"}
+    model = registry.load_verified(champion)
+    y_hold = frame[cfg.target].to_numpy()[holdout]
+    try:
+        p_champion = model.predict_proba(feature_frame(frame, cfg)[holdout])[:, 1]
+    except (KeyError, ValueError) as exc:
+        reason = f"champion {champion.path.name} cannot score this data ({exc}); replacing it"
+        return champion, {"promoted": True, "reason": reason}
+    champion_metrics = probability_metrics(y_hold, p_champion)
+    p_new = selected.holdout_probabilities
+    uplift = bootstrap_log_loss_uplift(y_hold, p_new, p_champion, seed=seed)
+    better = selected.holdout["log_loss"] < champion_metrics["log_loss"]
+    reason = (
+        f"holdout log_loss {selected.holdout['log_loss']:.5f} vs champion "
+        f"{champion_metrics['log_loss']:.5f}: {'better' if better else 'not better'}"
+    )
+    decision = {
+        "promoted": bool(better),
+        "reason": reason,
+        "champion_holdout": champion_metrics,
+        "uplift_vs_champion": uplift,
+        "note": "the champion may have seen these holdout rows, which favours keeping it",
+    }
+    return champion, decision
+
+
+def run_training(paths: ProjectPaths, cfg: DatasetConfig, *, cv_folds: int, seed: int) -> Path:
+    """CLI stage: processed CSV -> versioned pickle + report; champion pointer if promoted."""
+    started = time.perf_counter()
+    source = paths.processed("train")
+    input_sha = sha256_file(source) if source.exists() else None
+    frame = read_processed(source, cfg, require_target=True)
+    log.info("read %d rows from %s in %.1f s", len(frame), source, time.perf_counter() - started)
+    result = train(frame, cfg, cv_folds=cv_folds, seed=seed, source=str(source))
+    selected, frame, holdout = result.selected, result.frame, result.holdout
+    y_hold = frame[cfg.target].to_numpy()[holdout]
+    baseline = next(r for r in result.candidates if r.name == BASELINE)
+
+    version = claim_version(lambda v: paths.model(v).exists() or paths.report(v).exists())
+    model_path = paths.model(version)
+    with atomic_path(model_path) as tmp:
+        joblib.dump(selected.pipeline, tmp, compress=3)
+    model_sha = sha256_file(model_path)
+    entry = registry.ModelEntry(model_path, version, model_sha, selected.holdout["log_loss"])
+    with registry.promotion_lock(paths.models_dir):
+        champion, decision = _compare_with_champion(paths, cfg, frame, holdout, selected, seed)
+        report = {
+            "version": version,
+            "dataset": cfg.name,
+            "model": selected.name,
+            "selected": {
+                "name": selected.name,
+                "holdout_log_loss": selected.holdout["log_loss"],
+                "rule": "lowest calibrated log loss on the time holdout",
+            },
+            "cv": selected.cv,
+            "holdout": selected.holdout,
+            "candidates": {r.name: r.summary() for r in result.candidates},
+            "comparison": {
+                "baseline": BASELINE,
+                "baseline_holdout_log_loss": baseline.holdout["log_loss"],
+                "uplift_vs_baseline": bootstrap_log_loss_uplift(
+                    y_hold,
+                    selected.holdout_probabilities,
+                    baseline.holdout_probabilities,
+                    seed=seed,
+                ),
+            },
+            "promotion": decision,
+            "calibration": {
+                **selected.calibration,
+                "fitted_on": "time holdout (latest 20% of rows)",
+                "overall_ratio": selected.holdout["calibration_ratio"],
+                "by_segment": segment_calibration(
+                    frame[holdout], y_hold, selected.holdout_probabilities, cfg
+                ),
+                "reliability": reliability_table(y_hold, selected.holdout_probabilities),
+            },
+            "data": {
+                "rows": len(frame),
+                "train_rows": int((~holdout).sum()),
+                "holdout_rows": int(holdout.sum()),
+                "base_rate": float(frame[cfg.target].mean()),
+                "base_rate_entropy": base_rate_entropy(frame[cfg.target].to_numpy()),
+                "holdout_starts": str(frame[cfg.timestamp][holdout].min()),
+                "features": cfg.feature_columns,
+            },
+            "params": _plain_params(selected.pipeline),
+            "training_seconds": round(time.perf_counter() - started, 2),
+            "environment": {"libraries": _library_versions(), "git_sha": _git_sha()},
+            "artifacts": {
+                "model": model_path.name,
+                "model_sha256": model_sha,
+                "input": source.name,
+                "input_sha256": input_sha,
+            },
+        }
+        report_path = paths.report(version)
+        write_yaml(report_path, report)
+        if decision["promoted"]:
+            registry.promote(paths.models_dir, entry, champion)
+    log.info(
+        "wrote %s and %s; %s (%s); %.1f s in all",
+        model_path.name,
+        report_path.name,
+        "PROMOTED to champion" if decision["promoted"] else "kept on disk, NOT promoted",
+        decision["reason"],
+        time.perf_counter() - started,
+    )
+    return report_path
+

@@ -1,0 +1,152 @@
+"""Model versions on disk, the champion pointer, and verified loading.
+
+A pickle executes code when loaded, so a model is only ever loaded after its sha256 matches
+the one its training report recorded. The champion (the default for `rtb predict` and the
+scoring service) is named by `models/champion.yaml`, replaced atomically under a file lock,
+so a reader sees either the old or the new champion, never a half-promoted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+
+from rtb.errors import RtbError
+from rtb.io_utils import read_yaml, sha256_file, write_yaml
+
+MODEL_NAME = re.compile(r"^pipeline_(\d{8}T\d{6}Z)\.pkl$")
+CHAMPION_FILE = "champion.yaml"
+LOCK_FILE = ".promotion.lock"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model file and the sha256 its report recorded for it."""
+
+    path: Path
+    version: str
+    sha256: str
+    holdout_log_loss: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "model": self.path.name,
+            "sha256": self.sha256,
+            "holdout_log_loss": self.holdout_log_loss,
+        }
+
+
+def version_of(model_path: Path) -> str:
+    match = MODEL_NAME.match(Path(model_path).name)
+    if not match:
+        raise RtbError(f"{model_path}: expected a model file named pipeline_<YYYYMMDDTHHMMSSZ>.pkl")
+    return match.group(1)
+
+
+def report_path_for(model_path: Path) -> Path:
+    """models/pipeline_V.pkl -> reports/report_V.yaml (reports/ is a sibling of models/)."""
+    model_path = Path(model_path)
+    return model_path.parent.parent / "reports" / f"report_{version_of(model_path)}.yaml"
+
+
+def entry_from_report(model_path: Path) -> ModelEntry:
+    """The model's entry as its training report recorded it."""
+    report_path = report_path_for(model_path)
+    if not report_path.exists():
+        raise RtbError(
+            f"{model_path}: no training report {report_path} records its sha256; refusing to load"
+        )
+    report = read_yaml(report_path)
+    artifacts = report.get("artifacts") or {}
+    expected = artifacts.get("model_sha256")
+    if not expected:
+        raise RtbError(f"{report_path}: lacks artifacts.model_sha256; refusing {model_path}")
+    holdout = (report.get("selected") or {}).get("holdout_log_loss")
+    return ModelEntry(Path(model_path), version_of(model_path), str(expected), holdout)
+
+
+def load_champion_entry(models_dir: Path) -> ModelEntry:
+    """The promoted model, verified to exist and to match its recorded sha256."""
+    pointer = Path(models_dir) / CHAMPION_FILE
+    if not pointer.exists():
+        raise RtbError(
+            f"{pointer}: no trained model has been promoted yet (run the train DAG or `rtb train`)"
+        )
+    payload = read_yaml(pointer)
+    try:
+        entry = ModelEntry(
+            Path(models_dir) / str(payload["model"]),
+            str(payload["version"]),
+            str(payload["sha256"]),
+            payload.get("holdout_log_loss"),
+        )
+    except KeyError as exc:
+        raise RtbError(f"{pointer}: lacks key {exc.args[0]!r}") from exc
+    verify_sha256(entry)
+    return entry
+
+
+def verify_sha256(entry: ModelEntry) -> None:
+    if not entry.path.exists():
+        raise RtbError(f"{entry.path}: model file not found")
+    actual = sha256_file(entry.path)
+    if actual != entry.sha256:
+        raise RtbError(
+            f"{entry.path}: sha256 {actual[:12]}... does not match the recorded "
+            f"{entry.sha256[:12]}...; the file was modified or truncated, refusing to load it"
+        )
+
+
+def load_verified(entry: ModelEntry) -> object:
+    """Unpickle a model only after its sha256 matched; a broken pickle is a one-line error."""
+    verify_sha256(entry)
+    try:
+        return joblib.load(entry.path)
+    except (EOFError, OSError, ValueError, KeyError, IndexError, zlib.error, ImportError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise RtbError(f"{entry.path}: cannot unpickle the model ({reason})") from exc
+
+
+def resolve_model(models_dir: Path, model_path: Path | None) -> ModelEntry:
+    """`--model PATH` if given (verified against its report), else the champion."""
+    if model_path is None:
+        return load_champion_entry(models_dir)
+    if not Path(model_path).exists():
+        raise RtbError(f"{model_path}: model file not found")
+    entry = entry_from_report(Path(model_path))
+    verify_sha256(entry)
+    return entry
+
+
+@contextlib.contextmanager
+def promotion_lock(models_dir: Path) -> Iterator[None]:
+    """Serialise read-compare-promote between concurrent trainings."""
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(models_dir) / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def current_champion(models_dir: Path) -> ModelEntry | None:
+    """The champion if one is promoted and intact; None when there is none yet."""
+    if not (Path(models_dir) / CHAMPION_FILE).exists():
+        return None
+    return load_champion_entry(models_dir)
+
+
+def promote(models_dir: Path, entry: ModelEntry, previous: ModelEntry | None) -> None:
+    """Atomically point the champion at `entry`, remembering the one it replaces."""
+    payload = entry.as_dict()
+    payload["previous"] = previous.as_dict() if previous else None
+    write_yaml(Path(models_dir) / CHAMPION_FILE, payload, overwrite=True)
