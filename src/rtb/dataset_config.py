@@ -32,6 +32,7 @@ class DatasetConfig:
     datetimes: dict[str, str] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
     crosses: list[list[str]] = field(default_factory=list)
+    non_negative: list[str] = field(default_factory=list)
     source: str = "<builtin>"
 
     @property
@@ -84,6 +85,7 @@ def load_dataset_config(name_or_path: str | Path | None = None) -> DatasetConfig
     payload["datetimes"] = dict(payload.get("datetimes") or {})
     payload["drop"] = list(payload.get("drop") or [])
     payload["crosses"] = [list(c) for c in payload.get("crosses") or []]
+    payload["non_negative"] = list(payload.get("non_negative") or [])
     config = DatasetConfig(source=source, **payload)
     _check_roles(config)
     return config
@@ -97,6 +99,9 @@ def _check_roles(config: DatasetConfig) -> None:
     leaked = sorted(set(config.drop) & set(roles))
     if leaked:
         raise RtbError(f"{config.source}: columns {leaked} are both dropped and used")
+    stray = sorted(set(config.non_negative) - set(config.numerical))
+    if stray:
+        raise RtbError(f"{config.source}: non_negative names non-numerical column(s) {stray}")
     for cross in config.crosses:
         unknown = [c for c in cross if c not in config.categorical]
         if unknown or len(cross) < 2:

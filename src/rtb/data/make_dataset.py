@@ -52,7 +52,7 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
     for name in cfg.categorical:
         columns[name] = pc.dictionary_encode(table.column(name))
     for name in cfg.numerical:
-        columns[name] = _checked_numbers(path, name, table.column(name))
+        columns[name] = _checked_numbers(path, name, table.column(name), name in cfg.non_negative)
     if split == "train":
         columns[cfg.target] = _checked_target(path, cfg.target, table.column(cfg.target))
     return pa.table(columns)
@@ -69,11 +69,20 @@ def _check_unique_ids(path: Path, name: str, ids: pa.ChunkedArray) -> None:
         )
 
 
-def _checked_numbers(path: Path, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _checked_numbers(
+    path: Path, name: str, column: pa.ChunkedArray, non_negative: bool
+) -> pa.ChunkedArray:
     values = column.to_numpy()
     bad = np.flatnonzero(np.isinf(values))
     if bad.size:
         raise RtbError(f"{path}: column {name!r} line {int(bad[0]) + 2}: expected a finite number")
+    if non_negative:
+        bad = np.flatnonzero(values < 0)
+        if bad.size:
+            row = int(bad[0])
+            raise RtbError(
+                f"{path}: column {name!r} line {row + 2}: expected a count >= 0, got {values[row]:g}"
+            )
     return pa.chunked_array([pa.array(values.astype(np.float32), from_pandas=True)])
 
 
@@ -83,7 +92,7 @@ def _checked_target(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunke
     if bad.size:
         row = int(bad[0])
         raise RtbError(
-            f"{path}: column {name!r} line {row + 2}: expected 0 or 1, got {values[row]!r}"
+            f"{path}: column {name!r} line {row + 2}: expected 0 or 1, got {values[row]:g}"
         )
     positives = int(values.sum())
     if positives in (0, len(values)):
