@@ -1,0 +1,193 @@
+"""The CLI chain on small data: train writes a versioned pickle + report, predict scores with a
+verified model, and a broken model file is refused with one line and nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import small_raw_frame, write_raw
+
+from rtb.io_utils import sha256_file
+from rtb.models.registry import load_champion_entry
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("rtb: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _prepare(project, run_cli, *splits: str) -> None:
+    for split in splits:
+        for stage in ("make-dataset", "preprocess"):
+            result = run_cli(stage, "--split", split, "--project-dir", str(project.root))
+            assert result.code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory):
+    """One real training run per module (the slow part), copied for each test below."""
+    from rtb.config import ProjectPaths
+    from rtb.data.make_dataset import run_make_dataset
+    from rtb.data.preprocessing import run_preprocess
+    from rtb.dataset_config import load_dataset_config
+    from rtb.models.make_training import run_training
+
+    cfg = load_dataset_config("rtb")
+    paths = ProjectPaths(tmp_path_factory.mktemp("trained") / "project")
+    write_raw(small_raw_frame(600, seed=1), paths.raw_dir / "training_data.csv.gz")
+    test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
+    write_raw(test, paths.raw_dir / "test_data.csv.gz")
+    for split in ("train", "test"):
+        run_make_dataset(paths, split, cfg)
+        run_preprocess(paths, split, cfg)
+    run_training(paths, cfg, cv_folds=3, seed=0)
+    return paths
+
+
+@pytest.fixture
+def trained(trained_template, tmp_path):
+    """A private copy of the trained project (tests tamper with it)."""
+    from rtb.config import ProjectPaths
+
+    root = tmp_path / "project"
+    shutil.copytree(trained_template.root, root)
+    return ProjectPaths(root)
+
+
+def test_preprocess_derives_recency_and_keeps_rows(raw_project, run_cli) -> None:
+    _prepare(raw_project, run_cli, "train")
+    processed = pd.read_csv(raw_project.processed("train"))
+    assert len(processed) == 600
+    for column in ("fromLastStart", "fromLastStart_missing", "hour"):
+        assert column in processed.columns
+    missing = processed["fromLastStart_missing"] == 1
+    assert missing.any() and processed.loc[missing, "fromLastStart"].isna().all()
+    assert (processed.loc[~missing, "fromLastStart"] >= 0).all()
+    assert processed["country"].isna().sum() == 0  # gaps became the "__missing__" category
+
+
+def test_train_writes_versioned_model_report_and_champion(trained) -> None:
+    models = sorted(trained.models_dir.glob("pipeline_*.pkl"))
+    reports = sorted(trained.reports_dir.glob("report_*.yaml"))
+    assert len(models) == 1 and len(reports) == 1
+    report = yaml.safe_load(reports[0].read_text())
+    for section in ("cv", "holdout"):
+        for metric in ("roc_auc", "log_loss", "brier", "normalized_entropy", "calibration_ratio"):
+            assert metric in report[section]
+    assert set(report["cv"]["log_loss"]) == {"mean", "std"}
+    assert report["artifacts"]["model_sha256"] == sha256_file(models[0])
+    assert report["artifacts"]["input_sha256"] == sha256_file(trained.processed("train"))
+    assert report["data"]["rows"] == 600
+    assert report["promotion"]["promoted"] is True
+    assert set(report["candidates"]) >= {"logreg_onehot", "gbm_target_encoded"}
+    assert len(report["calibration"]["reliability"]) == 10
+    assert "platform" in report["calibration"]["by_segment"]
+    assert report["environment"]["libraries"]["scikit-learn"]
+    assert any(key.endswith("C") for key in report["params"])
+    assert load_champion_entry(trained.models_dir).path == models[0]
+
+
+def test_predict_writes_probabilities_ids_and_model_sidecar(trained, run_cli) -> None:
+    result = run_cli("predict", "--project-dir", str(trained.root))
+    assert result.code == 0, result.stderr
+    npy = sorted(trained.predictions_dir.glob("predictions_*.npy"))
+    assert len(npy) == 1
+    probabilities = np.load(npy[0])
+    test_rows = pd.read_csv(trained.processed("test"))
+    assert probabilities.shape == (len(test_rows),)
+    assert np.isfinite(probabilities).all() and ((0 <= probabilities) & (probabilities <= 1)).all()
+    table = pd.read_csv(npy[0].with_suffix(".csv"), dtype={"id": str})
+    assert table["id"].tolist() == test_rows["id"].astype(str).tolist()
+    np.testing.assert_allclose(table["probability"], probabilities)
+    sidecar = yaml.safe_load(npy[0].with_suffix(".yaml").read_text())
+    champion = load_champion_entry(trained.models_dir)
+    assert sidecar["model"]["sha256"] == champion.sha256 == sha256_file(champion.path)
+    assert "using model " + champion.path.name in result.log
+
+
+def test_predict_without_any_model_says_train_first(raw_project, run_cli) -> None:
+    _prepare(raw_project, run_cli, "test")
+    result = run_cli("predict", "--project-dir", str(raw_project.root))
+    assert result.code == 1
+    assert "no trained model has been promoted yet" in error_line(result.stderr)
+    assert run_cli("check-model", "--project-dir", str(raw_project.root)).code == 1
+
+
+def _tamper(kind: str, model: Path) -> None:
+    if kind == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif kind == "modified":
+        data = bytearray(model.read_bytes())
+        data[-10] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif kind == "missing":
+        model.unlink()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("truncated", "does not match the recorded"),
+        ("modified", "does not match the recorded"),
+        ("missing", "model file not found"),
+    ],
+)
+def test_broken_model_is_refused_and_nothing_written(trained, run_cli, kind, expected) -> None:
+    model = load_champion_entry(trained.models_dir).path
+    _tamper(kind, model)
+    result = run_cli("predict", "--project-dir", str(trained.root))
+    assert result.code == 1
+    line = error_line(result.stderr)
+    assert model.name in line and expected in line
+    assert not list(trained.predictions_dir.glob("predictions_*"))
+    assert run_cli("check-model", "--project-dir", str(trained.root)).code == 1
+
+
+def test_model_option_needs_a_report_recording_its_sha(trained, run_cli, tmp_path) -> None:
+    champion = load_champion_entry(trained.models_dir).path
+    stray = trained.models_dir / "pipeline_20000101T000000Z.pkl"
+    shutil.copy(champion, stray)
+    result = run_cli("predict", "--project-dir", str(trained.root), "--model", str(stray))
+    assert result.code == 1
+    assert "no training report" in error_line(result.stderr)
+    ok = run_cli("predict", "--project-dir", str(trained.root), "--model", str(champion))
+    assert ok.code == 0, ok.stderr
+
+
+def test_report_with_mismatching_sha_blocks_the_model(trained, run_cli) -> None:
+    champion = load_champion_entry(trained.models_dir)
+    report = trained.report(champion.version)
+    payload = yaml.safe_load(report.read_text())
+    payload["artifacts"]["model_sha256"] = "0" * 64
+    report.write_text(yaml.safe_dump(payload))
+    result = run_cli("predict", "--project-dir", str(trained.root), "--model", str(champion.path))
+    assert result.code == 1
+    assert "does not match the recorded" in error_line(result.stderr)
+
+
+def test_processed_file_of_another_dataset_is_rejected(trained, run_cli) -> None:
+    processed = trained.processed("train")
+    frame = pd.read_csv(processed).drop(columns=["deviceType"])
+    frame.to_csv(processed, index=False)
+    result = run_cli("train", "--project-dir", str(trained.root))
+    assert result.code == 1
+    assert "missing column(s) ['deviceType']" in error_line(result.stderr)
+
+
+def test_pickled_pipeline_is_the_whole_scoring_path(trained) -> None:
+    from rtb.data.preprocessing import read_processed
+    from rtb.dataset_config import load_dataset_config
+
+    cfg = load_dataset_config("rtb")
+    pipeline = joblib.load(load_champion_entry(trained.models_dir).path)
+    frame = read_processed(trained.processed("test"), cfg, require_target=False)
+    probabilities = pipeline.predict_proba(frame)[:, 1]
+    assert probabilities.shape == (len(frame),)
+    assert pipeline.steps[0][0] == "features"
