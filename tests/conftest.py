@@ -70,6 +70,15 @@ def write_raw(frame: pd.DataFrame, path: Path, *, sep: str = ";") -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_threaded_blas():
+    """The same BLAS setting `rtb` uses (see rtb.cli.main): small solves, no thread spinning."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @dataclass
 class CliResult:
     code: int

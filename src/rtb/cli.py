@@ -170,6 +170,9 @@ def main() -> None:
     # OpenMP threads that spin while waiting make LightGBM 5-10x slower when another process
     # shares the two cores (an Airflow scheduler, a second task); passive waiting costs ~nothing.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Our BLAS calls are many small ones (L-BFGS on a few hundred coefficients); with threads
+    # they are up to 10x slower on a shared 2-core machine. Set before numpy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     configure_logging()
     started = time.perf_counter()
     try:
