@@ -92,6 +92,10 @@ def test_train_writes_versioned_model_report_and_champion(trained) -> None:
     assert report["environment"]["libraries"]["scikit-learn"]
     assert any(key.endswith("C") for key in report["params"])
     assert load_champion_entry(trained.models_dir).path == models[0]
+    plots = sorted(p.name for p in trained.reports_dir.glob("report_*.png"))
+    assert [name.rsplit("_", 1)[1] for name in plots] == [
+        "deciles.png", "importance.png", "reliability.png", "roc.png"
+    ]
 
 
 def test_predict_writes_probabilities_ids_and_model_sidecar(trained, run_cli) -> None:

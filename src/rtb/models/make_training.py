@@ -44,6 +44,7 @@ from rtb.models.metrics import (
     reliability_table,
 )
 from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, feature_frame
+from rtb.models.report_plots import write_report_plots
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,14 @@ def run_training(paths: ProjectPaths, cfg: DatasetConfig, *, cv_folds: int, seed
         }
         report_path = paths.report(version)
         write_yaml(report_path, report)
+        write_report_plots(
+            paths.reports_dir,
+            version,
+            y_hold,
+            selected.holdout_probabilities,
+            selected.pipeline,
+            {r.name: r.holdout_probabilities for r in result.candidates},
+        )
         if decision["promoted"]:
             registry.promote(paths.models_dir, entry, champion)
     log.info(
