@@ -1,0 +1,133 @@
+"""End to end through the real stack: Airflow schedules DockerOperator tasks that run the job
+image on the host's engine, and the files land in the (copied) project's data/, models/ and
+reports/. Triggered and checked through the REST API v2, as a user would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.system
+
+# A line of rtb's own log format, `%(asctime)s %(levelname)s %(name)s: %(message)s`, that
+# reports rows: printed by the container, streamed into the task log.
+RTB_ROWS_LINE = re.compile(r"\d{2}:\d{2}:\d{2},\d{3} INFO rtb[\w.]*: .*\brows\b")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _metric_names(section: dict) -> set[str]:
+    return {name for name, value in section.items() if isinstance(value, (int, float, dict))}
+
+
+def test_predict_before_any_training_stops_at_check_model(api, untrained_predict_run) -> None:
+    run = untrained_predict_run
+    assert run.state == "failed"
+    tis = api.task_instances(run.dag_id, run.run_id)
+    assert tis["check_model"]["state"] == "failed"
+    assert tis["check_model"]["try_number"] == 1, "a missing model is not worth a retry"
+    for task_id in ("make_dataset", "preprocessing", "predicting"):
+        assert tis[task_id]["state"] == "upstream_failed"
+    log = api.task_log(run.dag_id, run.run_id, "check_model", 1)
+    assert "rtb: error:" in log
+
+
+def test_train_pipeline_writes_features_model_and_report(stack, trained_run) -> None:
+    assert trained_run.state == "success"
+    root = stack.root
+    assert (root / "data/interim/train.parquet").is_file()
+    train_df = root / "data/processed/train_df.csv"
+    assert train_df.is_file() and train_df.stat().st_size > 0
+    models = sorted((root / "models").glob("pipeline_*.pkl"))
+    reports = sorted((root / "reports").glob("report_*.yaml"))
+    assert models and reports
+    assert (root / "models/champion.yaml").is_file()
+
+    report = yaml.safe_load(reports[-1].read_text())
+    for section in ("cv", "holdout"):
+        assert {"roc_auc", "log_loss"} <= _metric_names(report[section]), report[section]
+    holdout_auc = report["holdout"]["roc_auc"]
+    assert 0.0 <= float(holdout_auc) <= 1.0
+
+
+def test_task_log_shows_the_containers_own_output(api, trained_run) -> None:
+    log = api.task_log(trained_run.dag_id, trained_run.run_id, "make_dataset", 1)
+    assert "Starting docker container from image" in log
+    assert RTB_ROWS_LINE.search(log), log[-2000:]
+
+
+def test_task_runs_as_the_invoking_user(stack, trained_run) -> None:
+    """Files the tasks wrote belong to whoever ran run.sh, not to root."""
+    for path in [*(stack.root / "models").glob("pipeline_*.pkl"), stack.root / "data/processed"]:
+        assert path.stat().st_uid == os.getuid(), path
+
+
+def test_predict_pipeline_scores_every_test_row(api, stack, predicted_run) -> None:
+    run = predicted_run
+    tis = api.task_instances(run.dag_id, run.run_id)
+    assert run.state == "success", {t: ti["state"] for t, ti in tis.items()}
+
+    root = stack.root
+    test_df = pd.read_csv(root / "data/processed/test_df.csv")
+    predictions = sorted((root / "data/predictions").glob("predictions_*.npy"))
+    assert predictions, "no predictions_*.npy written"
+    proba = np.load(predictions[-1])
+    assert proba.ndim == 1
+    assert len(proba) == len(test_df) > 0
+    assert np.isfinite(proba).all()
+    assert ((proba >= 0.0) & (proba <= 1.0)).all()
+    assert predictions[-1].with_suffix(".csv").is_file()
+
+
+def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, stack, trained_run) -> None:
+    root = stack.root
+    api.wait_until_idle("train_pipeline")
+    guarded = sorted(
+        [
+            *(root / "models").glob("pipeline_*.pkl"),
+            *(root / "models").glob("champion.yaml"),
+            *(root / "reports").glob("report_*.yaml"),
+        ]
+    )
+    before = {path: _sha256(path) for path in guarded}
+    assert before
+
+    raw = root / "data/raw/training_data.csv.gz"
+    original = raw.read_bytes()
+    corrupt = b"this is not a gzip file\n" * 100
+    with pytest.raises(gzip.BadGzipFile):
+        gzip.decompress(corrupt)
+    raw.write_bytes(corrupt)
+    try:
+        run_id = api.trigger("train_pipeline")
+        state = api.wait_for_run("train_pipeline", run_id)
+        tis = api.task_instances("train_pipeline", run_id)
+        log = api.task_log("train_pipeline", run_id, "make_dataset", 1)
+    finally:
+        raw.write_bytes(original)
+
+    assert state == "failed"
+    assert tis["make_dataset"]["state"] == "failed"
+    assert tis["make_dataset"]["try_number"] == 1, "bad input must fail at once, not retry"
+    assert tis["preprocessing"]["state"] == "upstream_failed"
+    assert tis["training"]["state"] == "upstream_failed"
+    assert "rtb: error:" in log, log[-2000:]
+
+    after_models = {
+        *(root / "models").glob("pipeline_*.pkl"),
+        *(root / "reports").glob("report_*.yaml"),
+    }
+    assert after_models == {p for p in before if p.name != "champion.yaml"}
+    for path, digest in before.items():
+        assert _sha256(path) == digest, f"{path.name} changed"
