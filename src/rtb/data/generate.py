@@ -330,15 +330,28 @@ def generate_frames(
     _check_rows(rows_train, rows_test)
     plan = _make_plan(rows_train, rows_test, seed)
     tables: dict[bool, list[pa.Table]] = {False: [], True: []}
+    frames: dict[bool, pd.DataFrame] = {}
     p_true = {False: np.empty(rows_train), True: np.empty(rows_test)}
     with contextlib.closing(_run_chunks(plan, compress=False)) as chunks:
         for test, lo, hi, chunk in chunks:
+            if test and False not in frames:  # train is complete: convert it, free its tables
+                frames[False] = _to_pandas(tables.pop(False))
             columns = TEST_COLUMNS if test else COLUMNS
             tables[test].append(_parse_csv(chunk.data, columns))
             p_true[test][lo:hi] = chunk.p_true
-    train_df = pa.concat_tables(tables[False]).to_pandas()
-    test_df = pa.concat_tables(tables[True]).to_pandas()
-    return train_df, test_df, p_true[False], p_true[True]
+    train_df = frames[False] if False in frames else _to_pandas(tables.pop(False))
+    return train_df, _to_pandas(tables.pop(True)), p_true[False], p_true[True]
+
+
+def _to_pandas(tables: list[pa.Table]) -> pd.DataFrame:
+    """Concatenate chunk tables into a frame, releasing Arrow memory as columns convert.
+
+    At benchmark size the frames are gigabytes; converting with `self_destruct` keeps the
+    peak near one copy instead of two.
+    """
+    table = pa.concat_tables(tables)
+    tables.clear()
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def _check_rows(rows_train: int, rows_test: int) -> None:
