@@ -98,7 +98,7 @@ def test_writes_four_pngs_for_each_model_family(fitted, tmp_path, name, caplog) 
     with caplog.at_level(logging.INFO, logger="rtb.models.report_plots"):
         paths = write_report_plots(
             tmp_path, version, fitted["y"], fitted["p"][name], fitted["models"][name],
-            candidates={k: v for k, v in fitted["p"].items() if k != name},
+            candidates=fitted["p"],  # as training passes them: the selected model included
         )
     _assert_pngs(paths, tmp_path, version)
     assert all(str(path) in caplog.text for path in paths)

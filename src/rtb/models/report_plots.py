@@ -54,7 +54,8 @@ def write_report_plots(
     """Write the ROC, reliability, decile and importance PNGs of one model version.
 
     `p_holdout` are the selected model's (calibrated) probabilities on the time holdout and
-    `candidates` maps other candidates' names to theirs on the same rows (ROC only). Returns
+    `candidates` maps candidates' names to theirs on the same rows (ROC only; an entry equal
+    to `p_holdout` names the selected curve instead of being drawn twice). Returns
     the written paths in `KINDS` order. Refuses to run if any picture of `version` exists, so
     a rerun never mixes pictures of two different fits under one version.
     """
@@ -124,14 +125,18 @@ def _roc_figure(
     y: np.ndarray, p: np.ndarray, candidates: Mapping[str, np.ndarray], version: str
 ) -> Figure:
     figure, axes = _new_figure(f"ROC on the time holdout ({len(y):,} rows) - {version}")
+    selected = "selected model"
     for name, scores in candidates.items():
         scores = np.asarray(scores, dtype=np.float64).ravel()
+        if np.array_equal(scores, p):  # the selected model is usually among the candidates
+            selected = f"selected: {name}"
+            continue
         fpr, tpr, _ = roc_curve(y, scores)
         axes.plot(*_thin(fpr, tpr), lw=1.2, alpha=0.8,
                   label=f"{name} (AUC {roc_auc_score(y, scores):.4f})")
     fpr, tpr, _ = roc_curve(y, p)
     axes.plot(*_thin(fpr, tpr), lw=2.4, color=_SELECTED_COLOR,
-              label=f"selected model (AUC {roc_auc_score(y, p):.4f})")
+              label=f"{selected} (AUC {roc_auc_score(y, p):.4f})")
     axes.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance (AUC 0.5)")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
