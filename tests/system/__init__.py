@@ -1,0 +1,2 @@
+"""System tests (a package, so that its conftest.py does not shadow tests/conftest.py,
+which other test modules import as `conftest`)."""
