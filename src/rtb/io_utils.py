@@ -43,6 +43,10 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise RtbError(f"{final.parent}: cannot write ({exc.strerror})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; artifacts are shared (Airflow, the scoring service, the user).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         _fsync(tmp)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 READ_BLOCK_BYTES = 8 << 20
-NULL_TEXTS = ["", "NA", "NaN", "nan", "null", "NULL", "None"]
+# Not "NA": that is Namibia's country code.
+NULL_TEXTS = ["", "NaN", "nan", "null", "NULL", "None"]
 
 
 def _open_checked(path: Path) -> None:

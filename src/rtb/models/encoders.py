@@ -99,10 +99,13 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
     order). That is exactly what scoring sees, which only knows the past; out-of-fold
     encodings would instead let a user's own later install leak into their earlier clicks.
     Frequencies carry no label, so they use all training rows for training and scoring alike.
+    With `smoothing="auto"` the prior strength m is estimated per group by empirical Bayes
+    (method of moments on a beta-binomial): groups whose levels truly differ get little
+    shrinkage, groups that are mostly noise get a lot.
     """
 
     def __init__(
-        self, crosses: tuple[tuple[str, ...], ...] = (), smoothing: float = 20.0
+        self, crosses: tuple[tuple[str, ...], ...] = (), smoothing: float | str = "auto"
     ) -> None:
         self.crosses = crosses
         self.smoothing = smoothing
@@ -143,6 +146,7 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
         self.prior_ = float(np.mean(target))
         codes = self._level_codes(frame)
         self.tables_ = []
+        self.smoothing_: list[float] = []
         out = np.empty((len(frame), 2 * len(self._groups())), dtype=np.float32)
         for position, group in enumerate(self._groups()):
             key = self._group_keys(codes, group)
@@ -160,15 +164,28 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
             totals = np.add.reduceat(sorted_y, starts)
             level_of_row = np.empty(len(key), dtype=np.int64)
             level_of_row[order] = np.repeat(np.arange(len(starts)), sizes)
+            strength = self._prior_strength(totals, sizes)
+            self.smoothing_.append(strength)
             self.tables_.append(
-                (sorted_key[starts], self._log_odds(totals, sizes), np.log1p(sizes))
+                (sorted_key[starts], self._log_odds(totals, sizes, strength), np.log1p(sizes))
             )
-            out[:, 2 * position] = self._log_odds(s_before, n_before)
+            out[:, 2 * position] = self._log_odds(s_before, n_before, strength)
             out[:, 2 * position + 1] = np.log1p(sizes)[level_of_row]
         return out
 
-    def _log_odds(self, positives: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        rate = (positives + self.smoothing * self.prior_) / (counts + self.smoothing)
+    def _prior_strength(self, positives: np.ndarray, counts: np.ndarray) -> float:
+        """m such that a level's rate is believed as much as m rows of the base rate."""
+        if self.smoothing != "auto":
+            return float(self.smoothing)
+        prior = self.prior_
+        rates = positives / counts
+        spread = np.sum(counts * (rates - prior) ** 2) / counts.sum()
+        noise = len(counts) * prior * (1 - prior) / counts.sum()
+        between = max(spread - noise, 1e-12)
+        return float(np.clip(prior * (1 - prior) / between, 1.0, 1e5))
+
+    def _log_odds(self, positives: np.ndarray, counts: np.ndarray, strength: float) -> np.ndarray:
+        rate = (positives + strength * self.prior_) / (counts + strength)
         return np.log(rate / (1.0 - rate))
 
     def transform(self, X: pd.DataFrame) -> np.ndarray:
