@@ -104,14 +104,30 @@ def _checked_target(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunke
 
 
 def make_dataset(raw_path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
-    """Pure core: raw file -> validated, typed table (with the source sha256 in its metadata)."""
+    """Pure core: raw file -> validated, typed table (with the source sha256 in its metadata).
+
+    The file's identity (inode, size, mtime) is compared before and after reading, so a raw
+    file replaced while it is being read fails the run instead of yielding a mix of two files.
+    """
+    before = _identity(raw_path)
+    digest = sha256_file(raw_path) if raw_path.is_file() else ""
     table = read_raw_table(raw_path, cfg, split)
     typed = validate_and_type(table, raw_path, cfg, split)
+    if _identity(raw_path) != before:
+        raise RtbError(f"{raw_path}: file changed while it was being read; run again")
     metadata = {
-        META_SOURCE_SHA: sha256_file(raw_path).encode(),
+        META_SOURCE_SHA: digest.encode(),
         META_SOURCE_FILE: raw_path.name.encode(),
     }
     return typed.replace_schema_metadata(metadata)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def run_make_dataset(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:
