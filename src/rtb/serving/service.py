@@ -1,0 +1,183 @@
+"""The loaded model and the swap to a newly promoted one, independent of HTTP.
+
+A `LoadedModel` is immutable and complete (verified pickle, verified scorer, report facts);
+the service holds exactly one reference to the current one. A request reads that reference
+once and scores with it to the end, so a swap never mixes two models in one response and
+never makes a request wait: the new model is built and checked on the side, then the
+reference is replaced in one assignment. A new model that fails to load or verify is logged
+and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rtb.config import VERSION_FORMAT, ProjectPaths
+from rtb.dataset_config import DatasetConfig
+from rtb.errors import RtbError
+from rtb.io_utils import read_yaml
+from rtb.models import registry
+from rtb.serving.scorer import Scorer, build_scorer
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model ready to serve: its registry entry, scorer and what its report says."""
+
+    entry: registry.ModelEntry
+    scorer: Scorer
+    report: dict[str, object]
+    loaded_at: str
+
+    @property
+    def version(self) -> str:
+        return self.entry.version
+
+    def describe(self) -> dict[str, object]:
+        """The facts `GET /model` shows."""
+        calibration = self.report.get("calibration") or {}
+        return {
+            "version": self.entry.version,
+            "file": self.entry.path.name,
+            "sha256": self.entry.sha256,
+            "trained_at": trained_at(self.entry.version),
+            "model_type": self.report.get("model"),
+            "holdout": self.report.get("holdout"),
+            "cv_log_loss": ((self.report.get("cv") or {}).get("log_loss")),
+            "calibration": {
+                key: calibration.get(key) for key in ("method", "slope", "intercept")
+            } if calibration else None,
+            "training_seconds": self.report.get("training_seconds"),
+            "scorer": self.scorer.kind,
+            "scorer_reason": self.scorer.reason,
+            "scorer_build_seconds": round(self.scorer.build_seconds, 3),
+            "loaded_at": self.loaded_at,
+        }
+
+
+def trained_at(version: str) -> str | None:
+    """Versions are UTC training timestamps (20260101T060000Z) -> ISO 8601."""
+    try:
+        return datetime.strptime(version, VERSION_FORMAT).replace(tzinfo=UTC).isoformat()
+    except ValueError:
+        return None
+
+
+def load_model(entry: registry.ModelEntry, cfg: DatasetConfig, *, try_compile: bool = True
+               ) -> LoadedModel:
+    """Verify, unpickle, build and check the scorer; RtbError with one line if anything fails."""
+    pipeline = registry.load_verified(entry)
+    if not hasattr(pipeline, "predict_proba"):
+        raise RtbError(f"{entry.path}: holds a {type(pipeline).__name__}, not a scoring pipeline")
+    scorer = build_scorer(pipeline, cfg, try_compile=try_compile)
+    report: dict[str, object] = {}
+    try:
+        report_path = registry.report_path_for(entry.path)
+        if report_path.exists():
+            report = read_yaml(report_path)
+    except RtbError as exc:
+        log.warning("model %s: report unreadable (%s)", entry.version, exc)
+    log.info(
+        "loaded model %s (%s, sha256 %s...) with the %s scorer in %.2f s: %s",
+        entry.version, report.get("model", "?"), entry.sha256[:12], scorer.kind,
+        scorer.build_seconds, scorer.reason,
+    )
+    return LoadedModel(entry, scorer, report, datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+@dataclass
+class ReloadResult:
+    """What one reload attempt did; `error` is a one-line reason when it failed."""
+
+    reloaded: bool
+    version: str
+    previous: str | None = None
+    error: str | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reloaded": self.reloaded,
+            "model": self.version,
+            "previous": self.previous,
+            "error": self.error,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class ScoringService:
+    """The current model and how to replace it when the champion pointer changes."""
+
+    paths: ProjectPaths
+    cfg: DatasetConfig
+    current: LoadedModel
+    pinned: bool = False
+    try_compile: bool = True
+    last_error: str | None = None
+    _pointer_seen: tuple[int, int, int] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def start(cls, paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None,
+              try_compile: bool = True) -> ScoringService:
+        """Load the champion (or `model_path`, which pins the service to it) or raise RtbError."""
+        pointer = _pointer_signature(paths.champion_pointer)
+        entry = registry.resolve_model(paths.models_dir, model_path)
+        service = cls(
+            paths, cfg, load_model(entry, cfg, try_compile=try_compile),
+            pinned=model_path is not None, try_compile=try_compile,
+        )
+        service._pointer_seen = pointer
+        return service
+
+    def reload(self, *, force: bool = False) -> ReloadResult:
+        """Swap to the champion if it changed. Blocking: run it off the event loop.
+
+        Without `force` the pointer file's (inode, mtime, size) decides whether to look at
+        all, so the background poll costs one stat() per period; a pointer that failed to
+        load is not retried until it changes again (or a forced reload asks).
+        """
+        with self._lock:
+            current = self.current
+            if self.pinned:
+                return ReloadResult(False, current.version, detail="pinned by --model; no reload")
+            pointer = _pointer_signature(self.paths.champion_pointer)
+            if not force and pointer == self._pointer_seen:
+                return ReloadResult(False, current.version, detail="champion unchanged")
+            self._pointer_seen = pointer
+            started = time.perf_counter()
+            try:
+                entry = registry.load_champion_entry(self.paths.models_dir)
+                if entry.sha256 == current.entry.sha256 and entry.path == current.entry.path:
+                    self.last_error = None
+                    return ReloadResult(False, current.version, detail="champion unchanged")
+                loaded = load_model(entry, self.cfg, try_compile=self.try_compile)
+            except RtbError as exc:
+                self.last_error = str(exc)
+                log.error("reload failed, still serving %s: %s", current.version, exc)
+                return ReloadResult(False, current.version, error=str(exc),
+                                    detail="kept the current model")
+            self.current = loaded  # the swap: one reference assignment
+            self.last_error = None
+            log.info("now serving model %s (was %s); reload took %.2f s", loaded.version,
+                     current.version, time.perf_counter() - started)
+            return ReloadResult(True, loaded.version, previous=current.version,
+                                detail=f"swapped in {time.perf_counter() - started:.2f} s")
+
+
+def _pointer_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
