@@ -230,6 +230,14 @@ case $command in
     down)
         write_settings
         compose --profile serving down "$@"
+        # Containers of failed tasks are kept for debugging until now (see common.py).
+        stack=$(setting COMPOSE_PROJECT_NAME rtb-pipeline)
+        leftovers=$(docker ps -aq --filter "label=rtb-pipeline.stack=$stack")
+        if [ -n "$leftovers" ]; then
+            say "removing the containers of failed tasks"
+            # shellcheck disable=SC2086 # one id per word
+            docker rm -f $leftovers > /dev/null
+        fi
         ;;
     train) write_settings && run_dag train_pipeline ;;
     predict) write_settings && run_dag predict_pipeline ;;

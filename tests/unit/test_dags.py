@@ -23,6 +23,7 @@ HOST_ENV = {
     "RTB_HOST_UID": "1234",
     "RTB_HOST_GID": "5678",
     "RTB_TASK_RETRIES": "2",
+    "RTB_STACK": "rtb-test",
 }
 
 EXPECTED = {
@@ -128,6 +129,7 @@ def test_every_task_is_a_sibling_container_of_the_job_image(dagbag, dag_id: str)
         assert task.user == "1234:5678"
         assert task.environment == {"RTB_PROJECT_DIR": "/project"}
         assert task.do_xcom_push is False
+        assert task.labels == {"rtb-pipeline.stack": "rtb-test", "rtb-pipeline.task": task.task_id}
 
 
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))

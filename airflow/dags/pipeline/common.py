@@ -14,6 +14,8 @@ Settings come from the environment that docker-compose.yaml gives every Airflow 
 - RTB_HOST_UID / RTB_HOST_GID: tasks run as the user who started the stack, so the files
   they write in data/, models/ and reports/ belong to that user, not to root.
 - RTB_TASK_RETRIES: retries for failures that may be transient (default 2).
+- RTB_STACK: the compose project name, put on task containers as a label so that
+  `sh run.sh down` can remove the containers that failed tasks leave behind.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from docker.types import Mount
 JOB_IMAGE = os.environ.get("RTB_JOB_IMAGE", "rtb-pipeline-job:latest")
 HOST_PROJECT_DIR = os.environ.get("RTB_HOST_PROJECT_DIR", "/opt/rtb-pipeline")
 HOST_USER = f"{os.environ.get('RTB_HOST_UID', '1000')}:{os.environ.get('RTB_HOST_GID', '1000')}"
+STACK = os.environ.get("RTB_STACK", "rtb-pipeline")
 CONTAINER_PROJECT_DIR = "/project"
 DOCKER_URL = "unix://var/run/docker.sock"
 
@@ -60,9 +63,7 @@ class RtbJobOperator(DockerOperator):
             for line in exc.logs or []:
                 text = line.decode(errors="replace") if isinstance(line, bytes) else line
                 if text.startswith(RTB_ERROR_PREFIX):
-                    raise AirflowFailException(
-                        f"{self.task_id} failed; not retrying: {text}"
-                    ) from exc
+                    raise AirflowFailException(f"{self.task_id} failed; not retrying: {text}") from exc
             raise
 
 
@@ -91,9 +92,10 @@ def project_mounts(*, models_read_only: bool = False) -> list[Mount]:
 def rtb_task(task_id: str, *rtb_args: str, models_read_only: bool = False) -> RtbJobOperator:
     """One pipeline stage: `rtb <rtb_args> --project-dir /project` in the job image.
 
-    The container's stdout and stderr are streamed into the task log line by line, so the
-    stage's own log (rows read, seconds, metrics) reads in the Airflow UI. Containers are
-    removed when they succeed and kept when they fail, for `docker logs` / `docker inspect`.
+        The container's stdout and stderr are streamed into the task log line by line, so the
+        stage's own log (rows read, seconds, metrics) reads in the Airflow UI. Containers are
+        removed when they succeed and kept when they fail, for `docker logs` / `docker inspect`
+    (until `sh run.sh down`).
     """
     return RtbJobOperator(
         task_id=task_id,
@@ -106,6 +108,7 @@ def rtb_task(task_id: str, *rtb_args: str, models_read_only: bool = False) -> Rt
         network_mode="none",
         mount_tmp_dir=False,
         auto_remove="success",
+        labels={"rtb-pipeline.stack": STACK, "rtb-pipeline.task": task_id},
         # The stage's output is files, not XCom: don't push the last log line.
         do_xcom_push=False,
         # Never pull: the image is built locally by run.sh / `docker compose build`.
