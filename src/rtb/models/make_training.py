@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 HOLDOUT_SHARE = 0.2
 CV_MAX_ROWS = 400_000
+MAX_FIT_NEGATIVES = 600_000
 SEGMENT_MAX_LEVELS = 12
 LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib")
 
@@ -66,6 +67,7 @@ class CandidateResult:
     calibration: dict[str, float]
     cv: dict[str, dict[str, float]]
     seconds: float
+    fit_rows: int
 
     def summary(self) -> dict[str, object]:
         return {
@@ -73,6 +75,7 @@ class CandidateResult:
             "holdout_uncalibrated": self.holdout_uncalibrated,
             "calibration": self.calibration,
             "cv": self.cv,
+            "fit_rows": self.fit_rows,
             "seconds": round(self.seconds, 2),
         }
 
@@ -137,7 +140,8 @@ def fit_candidate(
     """Fit on the early rows, calibrate and score on the holdout, cross-validate on a sample."""
     started = time.perf_counter()
     pipeline = build_pipeline(name, cfg, seed)
-    pipeline.fit(X[~holdout], y[~holdout])
+    fit_rows = negative_downsample(y, ~holdout, MAX_FIT_NEGATIVES, seed)
+    pipeline.fit(X.iloc[fit_rows], y[fit_rows])
     X_hold, y_hold = X[holdout], y[holdout]
     log_odds = pipeline[-1].raw_log_odds(pipeline[:-1].transform(X_hold))
     slope, intercept = fit_platt(log_odds, y_hold)
@@ -161,6 +165,7 @@ def fit_candidate(
         calibration={"method": "platt_on_log_odds", "slope": slope, "intercept": intercept},
         cv=cv_summary(cv_result) | {"rows": int(len(cv_rows)), "folds": cv_folds},
         seconds=time.perf_counter() - started,
+        fit_rows=int(len(fit_rows)),
     )
     log.info(
         "%s: holdout log_loss %.5f, NE %.4f, AUC %.4f, calibration %.3f; CV log_loss %.5f "
@@ -175,6 +180,23 @@ def fit_candidate(
         result.seconds,
     )
     return result
+
+
+def negative_downsample(y: np.ndarray, rows: np.ndarray, max_negatives: int, seed: int) -> np.ndarray:
+    """Row indices (in time order) of every positive and at most `max_negatives` negatives.
+
+    With 1% positives most of the fitting time goes into negatives that teach little; keeping
+    a random share of them is standard practice for ad logs (He et al. 2014, "Practical
+    lessons from predicting clicks on ads at Facebook"). It only shifts the model's log-odds
+    by log(share), which the Platt step, fitted on the untouched holdout, takes back out.
+    """
+    candidates = np.flatnonzero(rows)
+    negatives = candidates[y[candidates] == 0]
+    if len(negatives) <= max_negatives:
+        return candidates
+    rng = np.random.default_rng(seed)
+    kept = rng.choice(negatives, size=max_negatives, replace=False)
+    return np.sort(np.concatenate([candidates[y[candidates] == 1], kept]))
 
 
 def _cv_sample(n_rows: int, seed: int) -> np.ndarray:
@@ -382,6 +404,7 @@ def run_training(paths: ProjectPaths, cfg: DatasetConfig, *, cv_folds: int, seed
                 "rows": len(frame),
                 "train_rows": int((~holdout).sum()),
                 "holdout_rows": int(holdout.sum()),
+                "fit_max_negatives": MAX_FIT_NEGATIVES,
                 "base_rate": float(frame[cfg.target].mean()),
                 "base_rate_entropy": base_rate_entropy(frame[cfg.target].to_numpy()),
                 "holdout_starts": str(frame[cfg.timestamp][holdout].min()),
