@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +90,32 @@ def test_predict_pipeline_scores_every_test_row(api, stack, predicted_run) -> No
     assert np.isfinite(proba).all()
     assert ((proba >= 0.0) & (proba <= 1.0)).all()
     assert predictions[-1].with_suffix(".csv").is_file()
+
+
+def test_scoring_service_serves_the_champion(stack, predicted_run) -> None:
+    """`sh run.sh serve`: the job image's `rtb serve` on models/ and reports/ (read-only)."""
+    serve = stack.run_sh("serve", timeout=300)
+    assert serve.returncode == 0, serve.stdout + serve.stderr
+    base = f"http://127.0.0.1:{stack.env['SCORING_PORT']}"
+    champion = yaml.safe_load((stack.root / "models/champion.yaml").read_text())
+
+    with urllib.request.urlopen(base + "/health", timeout=30) as response:
+        health = json.load(response)
+    assert health["status"] == "ok"
+    assert health["model"] == champion["version"]
+
+    rows = pd.read_csv(stack.root / "data/raw/test_data.csv.gz", sep=None, engine="python", nrows=3)
+    request = urllib.request.Request(
+        base + "/predict",
+        data=rows.to_json(orient="records").encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.load(response)
+    assert answer["model"] == champion["version"]
+    assert len(answer["probabilities"]) == 3
+    assert all(0.0 <= p <= 1.0 for p in answer["probabilities"])
 
 
 def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, stack, trained_run) -> None:
