@@ -253,6 +253,8 @@ def run_server(
         http="auto",
         lifespan="on",
         access_log=False,
+        server_header=False,
+        date_header=False,
         log_config=None,
         timeout_keep_alive=30,
     )
