@@ -64,6 +64,8 @@ class PhaseResult:
     rss_start_mb: float | None
     rss_end_mb: float | None
     server_cpu_percent: float | None
+    client_cpu_percent: float
+    load_average: float
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -290,11 +292,13 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
     for batch in args.batch_sizes:
         bodies = request_bodies(rows, batch, 200)
         rss_start, cpu_start = rss_mb(pid), cpu_seconds(pid)
+        client_start = time.process_time()
         started = time.perf_counter()
         latency, service, ok, errors, samples = await run_phase(
             host, port, bodies, args.rate, args.duration, args.connections
         )
         elapsed = time.perf_counter() - started
+        client_cpu = (time.process_time() - client_start) / elapsed
         cpu_end = cpu_seconds(pid)
         cpu = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) / elapsed
         results.append(PhaseResult(
@@ -311,6 +315,8 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
             rss_start_mb=rss_start,
             rss_end_mb=rss_mb(pid),
             server_cpu_percent=None if cpu is None else round(100 * cpu, 1),
+            client_cpu_percent=round(100 * client_cpu, 1),
+            load_average=os.getloadavg()[0],
             error_samples=samples,
         ))
         log.info("phase batch=%d done: %s", batch, results[-1])
@@ -321,7 +327,7 @@ def print_table(results: list[PhaseResult], rss_before: float | None) -> None:
     print(f"server RSS before load: {rss_before if rss_before is None else f'{rss_before:.1f}'} MB")
     header = (f"{'rows/req':>8} {'target/s':>8} {'achieved/s':>10} {'rows/s':>9} {'errors':>6} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>8} {'svc p99':>7} "
-              f"{'RSS start':>9} {'RSS end':>8} {'srv CPU%':>8}")
+              f"{'RSS start':>9} {'RSS end':>8} {'srv CPU%':>8} {'cli CPU%':>8} {'load1':>5}")
     print(header)
     for r in results:
         lat, svc = r.latency_ms, r.service_ms
@@ -332,6 +338,7 @@ def print_table(results: list[PhaseResult], rss_before: float | None) -> None:
             f"{svc.get('p99', float('nan')):>7.2f} "
             f"{(r.rss_start_mb or float('nan')):>9.1f} {(r.rss_end_mb or float('nan')):>8.1f} "
             f"{(r.server_cpu_percent if r.server_cpu_percent is not None else float('nan')):>8.1f}"
+            f" {r.client_cpu_percent:>8.1f} {r.load_average:>5.1f}"
         )
         for sample in r.error_samples:
             print(f"    error sample: {sample}")

@@ -21,7 +21,7 @@ zero such values before the trees see them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,6 @@ class Ensemble:
     categories: dict[int, frozenset[int]]
     roots: np.ndarray
     depth: int
-    trees: list[dict] = field(repr=False)
 
 
 def parse_booster(booster: object) -> Ensemble:
@@ -129,7 +128,6 @@ def parse_booster(booster: object) -> Ensemble:
         categories=categories,
         roots=np.asarray(roots, dtype=np.int64),
         depth=depth,
-        trees=trees,
     )
 
 
