@@ -15,6 +15,7 @@ instead (loopback addresses only; pass `--server-pid` to get its RSS).
 Usage:
     python bench/load_test.py --project-dir /tmp/x                    # 60 s + 60 s at 1,000/s
     python bench/load_test.py --project-dir /tmp/x --duration 10 --batch-sizes 1
+    python bench/load_test.py --project-dir /tmp/x --batch-sizes 1,100 --rates 1000,300
     python bench/load_test.py --url http://127.0.0.1:8000 --server-pid 1234
 
 Request rows come from the project's data/raw/test_data.csv.gz when it exists (realistic
@@ -56,7 +57,8 @@ class PhaseResult:
     seconds: float
     sent: int
     ok: int
-    errors: int
+    errors: int  # non-200 answers and failed connections
+    unfinished: int  # still queued or in flight when the drain window closed (overload)
     achieved_rps: float
     rows_per_s: float
     latency_ms: dict[str, float]
@@ -153,9 +155,10 @@ class Connection:
 
 
 async def run_phase(host: str, port: int, bodies: list[bytes], rate: float, seconds: float,
-                    connections: int) -> tuple[np.ndarray, np.ndarray, int, int, list[str]]:
+                    connections: int
+                    ) -> tuple[np.ndarray, np.ndarray, int, int, int, list[str]]:
     """Open-loop: request i is due at t0 + i/rate. Returns latencies from due time (s), service
-    times (s), ok count, error count and a few error samples."""
+    times (s), ok, error and unfinished counts and a few error samples."""
     queue: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
     total = int(rate * seconds)
     latency = np.full(total, np.nan)
@@ -204,7 +207,7 @@ async def run_phase(host: str, port: int, bodies: list[bytes], rate: float, seco
         for task in workers:
             task.cancel()
     unfinished = int(np.isnan(latency).sum())
-    return latency, service, counts["ok"], counts["errors"] + unfinished, samples
+    return latency, service, counts["ok"], counts["errors"], unfinished, samples
 
 
 # --------------------------------------------------------------------------- server process
@@ -289,13 +292,13 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
     if args.warmup > 0:
         bodies = request_bodies(rows, 1, 200)
         await run_phase(host, port, bodies, args.rate, args.warmup, args.connections)
-    for batch in args.batch_sizes:
+    for batch, rate in zip(args.batch_sizes, args.rates, strict=True):
         bodies = request_bodies(rows, batch, 200)
         rss_start, cpu_start = rss_mb(pid), cpu_seconds(pid)
         client_start = time.process_time()
         started = time.perf_counter()
-        latency, service, ok, errors, samples = await run_phase(
-            host, port, bodies, args.rate, args.duration, args.connections
+        latency, service, ok, errors, unfinished, samples = await run_phase(
+            host, port, bodies, rate, args.duration, args.connections
         )
         elapsed = time.perf_counter() - started
         client_cpu = (time.process_time() - client_start) / elapsed
@@ -303,11 +306,12 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
         cpu = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) / elapsed
         results.append(PhaseResult(
             batch_rows=batch,
-            target_rps=args.rate,
+            target_rps=rate,
             seconds=round(elapsed, 2),
             sent=len(latency),
             ok=ok,
             errors=errors,
+            unfinished=unfinished,
             achieved_rps=round(ok / elapsed, 1),
             rows_per_s=round(ok * batch / elapsed, 1),
             latency_ms=percentiles(latency),
@@ -324,22 +328,24 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
 
 
 def print_table(results: list[PhaseResult], rss_before: float | None) -> None:
-    print(f"server RSS before load: {rss_before if rss_before is None else f'{rss_before:.1f}'} MB")
-    header = (f"{'rows/req':>8} {'target/s':>8} {'achieved/s':>10} {'rows/s':>9} {'errors':>6} "
-              f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>8} {'svc p99':>7} "
-              f"{'RSS start':>9} {'RSS end':>8} {'srv CPU%':>8} {'cli CPU%':>8} {'load1':>5}")
-    print(header)
+    nan = float("nan")
+    print(f"server RSS before load: {nan if rss_before is None else rss_before:.1f} MB")
+    print(f"{'rows/req':>8} {'target/s':>8} {'achieved/s':>10} {'rows/s':>9} {'errors':>6} "
+          f"{'unfin.':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'svc p99':>8} {'RSS start':>9} {'RSS end':>8} {'srv CPU%':>8} {'cli CPU%':>8} "
+          f"{'load1':>5}")
     for r in results:
-        lat, svc = r.latency_ms, r.service_ms
-        print(
-            f"{r.batch_rows:>8} {r.target_rps:>8.0f} {r.achieved_rps:>10.1f} {r.rows_per_s:>9.0f} "
-            f"{r.errors:>6} {lat.get('p50', float('nan')):>7.2f} {lat.get('p95', float('nan')):>7.2f} "
-            f"{lat.get('p99', float('nan')):>7.2f} {lat.get('max', float('nan')):>8.1f} "
-            f"{svc.get('p99', float('nan')):>7.2f} "
-            f"{(r.rss_start_mb or float('nan')):>9.1f} {(r.rss_end_mb or float('nan')):>8.1f} "
-            f"{(r.server_cpu_percent if r.server_cpu_percent is not None else float('nan')):>8.1f}"
-            f" {r.client_cpu_percent:>8.1f} {r.load_average:>5.1f}"
-        )
+        lat = [r.latency_ms.get(k, nan) for k in ("p50", "p95", "p99", "max")]
+        cells = [
+            f"{r.batch_rows:>8}", f"{r.target_rps:>8.0f}", f"{r.achieved_rps:>10.1f}",
+            f"{r.rows_per_s:>9.0f}", f"{r.errors:>6}", f"{r.unfinished:>6}",
+            *(f"{value:>8.2f}" for value in lat), f"{r.service_ms.get('p99', nan):>8.2f}",
+            f"{nan if r.rss_start_mb is None else r.rss_start_mb:>9.1f}",
+            f"{nan if r.rss_end_mb is None else r.rss_end_mb:>8.1f}",
+            f"{nan if r.server_cpu_percent is None else r.server_cpu_percent:>8.1f}",
+            f"{r.client_cpu_percent:>8.1f}", f"{r.load_average:>5.1f}",
+        ]
+        print(" ".join(cells))
         for sample in r.error_samples:
             print(f"    error sample: {sample}")
 
@@ -356,11 +362,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 100], help="rows per request, one phase each")
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
+                        default=None, help="requests/s per phase (default: --rate for all)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
-    if args.rate <= 0 or args.duration <= 0 or args.duration > 600:
-        parser.error("--rate must be > 0 and --duration in (0, 600] seconds")
+    args.rates = args.rates or [args.rate] * len(args.batch_sizes)
+    if len(args.rates) != len(args.batch_sizes):
+        parser.error("--rates needs one rate per --batch-sizes entry")
+    if min(args.rates) <= 0 or args.duration <= 0 or args.duration > 600:
+        parser.error("rates must be > 0 and --duration in (0, 600] seconds")
     return args
 
 
