@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from .conftest import RUN_TIMEOUT
+
 pytestmark = pytest.mark.system
 
 # A line of rtb's own log format, `%(asctime)s %(levelname)s %(name)s: %(message)s`, that
@@ -92,6 +94,15 @@ def test_predict_pipeline_scores_every_test_row(api, stack, predicted_run) -> No
     assert predictions[-1].with_suffix(".csv").is_file()
 
 
+def test_run_sh_predict_follows_a_run_to_success(stack) -> None:
+    follow = stack.run_sh("predict", timeout=RUN_TIMEOUT)
+    output = follow.stdout + follow.stderr
+    assert follow.returncode == 0, output
+    for task_id in ("check_model", "make_dataset", "preprocessing", "predicting"):
+        assert re.search(rf"{task_id}\s+success", output), output
+    assert re.search(r"predict_pipeline: run \S+ success", output), output
+
+
 def test_scoring_service_serves_the_champion(stack, predicted_run) -> None:
     """`sh run.sh serve`: the job image's `rtb serve` on models/ and reports/ (read-only)."""
     serve = stack.run_sh("serve", timeout=300)
@@ -138,13 +149,20 @@ def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, s
         gzip.decompress(corrupt)
     raw.write_bytes(corrupt)
     try:
-        run_id = api.trigger("train_pipeline")
+        # As a user would: `sh run.sh train` triggers through the REST API and follows the run.
+        follow = stack.run_sh("train", timeout=RUN_TIMEOUT)
+        output = follow.stdout + follow.stderr
+        triggered = re.search(r"triggered run (\S+)", output)
+        assert triggered, output
+        run_id = triggered.group(1)
         state = api.wait_for_run("train_pipeline", run_id)
         tis = api.task_instances("train_pipeline", run_id)
         log = api.task_log("train_pipeline", run_id, "make_dataset", 1)
     finally:
         raw.write_bytes(original)
 
+    assert follow.returncode != 0, output
+    assert "rtb: error:" in output, output
     assert state == "failed"
     assert tis["make_dataset"]["state"] == "failed"
     assert tis["make_dataset"]["try_number"] == 1, "bad input must fail at once, not retry"
