@@ -495,7 +495,13 @@ def render_markdown(results: dict) -> str:
         "",
         f"{cfg['started']} on {cfg['machine']['hostname']} ({cfg['machine']['cpus']} CPUs, "
         f"{cfg['machine']['ram_gb']:.0f} GB RAM, load avg at start "
-        f"{cfg['machine']['loadavg_start']}, at end {cfg['machine'].get('loadavg_end')})",
+        f"{cfg['machine']['loadavg_start']}, at end {cfg['machine'].get('loadavg_end')}); "
+        f"our side ran code {cfg.get('code_ours')}"
+        + (
+            f" (the checkout moved to {cfg['code_ours_end']} while it ran)"
+            if cfg.get("code_ours_end") != cfg.get("code_ours")
+            else ""
+        ),
         "",
         "| stage | ref s | ours s | speedup | ref CPU s | ours CPU s | ref peak MB | ours peak MB"
         " | ours/ref RSS |",
@@ -613,17 +619,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_sha() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
         return None
     return done.stdout.strip()
+
+
+def _code_state() -> str | None:
+    """HEAD plus whether src/ has uncommitted edits, read when our side starts.
+
+    The package is installed editable and others commit while a run takes twenty minutes, so
+    the code our stages ran is the checkout at that moment, not at the benchmark's start.
+    """
+    sha = _git("rev-parse", "--short", "HEAD")
+    if sha is None:
+        return None
+    dirty = _git("status", "--porcelain", "--", "src")
+    return sha + (" + uncommitted changes in src/" if dirty else "")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -687,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": args.seed,
             "work_dir": str(work),
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "git_sha": _git_sha(),
+            "code_at_start": _code_state(),
             "versions": _versions(),
             "machine": _machine(),
         },
@@ -718,7 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if all(r.ok for r in ref_runs) and len(ref_runs) == len(STAGES):
         preds["reference"] = np.load(ref_pred_path)
 
+    results["config"]["code_ours"] = _code_state()
     our_runs, our_pred_dir = run_ours(work, dataset.raw_dir)
+    results["config"]["code_ours_end"] = _code_state()
     if all(r.ok for r in our_runs) and len(our_runs) == len(STAGES):
         try:
             preds["ours"], path = load_our_predictions(our_pred_dir)
