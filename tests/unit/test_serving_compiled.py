@@ -79,10 +79,25 @@ def scoring_rows() -> list[dict]:
     rows = raw_rows(3000, seed=3, unseen=0.15, days=21.0)
     rows[0] = {CFG.timestamp: rows[0][CFG.timestamp]}  # every optional field absent
     rows[1] = {**rows[1], **{name: None for name in CFG.categorical + CFG.numerical}}
+    rng = np.random.default_rng(4)
+    for row in rows[2::7]:  # float NaN gaps, as an in-process caller may pass them
+        row[str(rng.choice(CFG.numerical))] = math.nan
+        row[str(rng.choice(CFG.categorical))] = math.nan
+        if rng.random() < 0.3:
+            row["lastStart"] = math.nan
     return rows
 
 
+_FITTED: dict[str, Pipeline] = {}
+
+
 def fitted(name: str, training: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
+    if name not in _FITTED:
+        _FITTED[name] = fit(name, training)
+    return _FITTED[name]
+
+
+def fit(name: str, training: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
     X, y = training
     pipeline = build_pipeline(name, CFG, seed=0)
     if "gbm" in name:  # deeper trees: more thresholds, NaN splits and default directions
@@ -121,7 +136,7 @@ def test_validated_datetimes_score_like_iso_text(name: str, training, scoring_ro
     compiled = compile_pipeline(pipeline, CFG)
     rows = scoring_rows[:300]
     parsed = [
-        {k: datetime.fromisoformat(v) if k in ("timestamp", "lastStart") and v else v
+        {k: datetime.fromisoformat(v) if isinstance(v, str) and k in ("timestamp", "lastStart") else v
          for k, v in row.items()}
         for row in rows
     ]
