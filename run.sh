@@ -8,6 +8,8 @@
 #   sh run.sh serve        start the scoring service (compose profile `serving`)
 #   sh run.sh down [-v]    stop everything; -v also deletes the Airflow database and task logs
 #   sh run.sh compose ...  any `docker compose` command, with the env files below
+#   sh run.sh test [ARGS]  the whole test suite (pytest ARGS): creates .venv from
+#                          requirements_venv.txt on first use; needs python3.11 and Docker
 #
 # Host needs: a POSIX sh and Docker with the compose plugin. Nothing else: the REST calls of
 # `train`/`predict` run with the python inside the api-server container (`docker compose exec`).
@@ -225,6 +227,23 @@ PY
 
 command=${1:-up}
 [ $# -gt 0 ] && shift
+# The test suite in .venv, (re)installed when requirements_venv.txt or pyproject.toml change.
+run_tests() {
+    python=${PYTHON:-python3}
+    [ -x .venv/bin/python ] || "$python" -m venv .venv || die "cannot create .venv with $python"
+    stamp=.venv/.rtb-installed
+    if [ ! -f "$stamp" ] || [ requirements_venv.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        say "installing the development requirements into .venv"
+        .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+        # The freeze lists this project too; it is installed editable below instead.
+        grep -viE '^(-e |rtb-pipeline)|@ file:' requirements_venv.txt > .venv/requirements-dev.txt
+        .venv/bin/pip install -q --disable-pip-version-check -r .venv/requirements-dev.txt
+        .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+        touch "$stamp"
+    fi
+    exec .venv/bin/python -m pytest "$@"
+}
+
 case $command in
     up) up ;;
     down)
@@ -250,6 +269,7 @@ case $command in
         write_settings
         compose "$@"
         ;;
+    test) run_tests "$@" ;;
     -h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$command' (try: sh run.sh help)" ;;
 esac

@@ -80,10 +80,18 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value used twice in full both times, never as a `&id001` anchor + alias."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def write_yaml(path: Path, payload: dict, *, overwrite: bool = False) -> None:
     """Write `payload` as YAML atomically."""
+    text = yaml.dump(payload, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        tmp.write_text(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True))
+        tmp.write_text(text)
 
 
 def read_yaml(path: Path) -> dict:
