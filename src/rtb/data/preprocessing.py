@@ -120,7 +120,8 @@ def read_processed(path: Path, cfg: DatasetConfig, *, require_target: bool) -> p
     if require_target:
         needed.append(cfg.target)
     try:
-        header = pcsv.read_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema
+        with pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16)) as reader:
+            header = reader.schema  # the first block only, not the whole file
     except pa.ArrowInvalid as exc:
         raise RtbError(f"{path}: malformed CSV ({str(exc).splitlines()[0]})") from exc
     missing = [c for c in needed if c not in header.names]

@@ -197,12 +197,23 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
         for position, (group, (levels, log_odds, log_counts)) in enumerate(
             zip(self._groups(), self.tables_, strict=True)
         ):
-            key = self._group_keys(codes, group)
-            slot = np.minimum(np.searchsorted(levels, key), len(levels) - 1)
-            found = levels[slot] == key
+            slot = self._level_index(position, levels).get_indexer(self._group_keys(codes, group))
+            found = slot >= 0
             out[:, 2 * position] = np.where(found, log_odds[slot], prior_log_odds)
             out[:, 2 * position + 1] = np.where(found, log_counts[slot], 0.0)
         return out
+
+    def _level_index(self, position: int, levels: np.ndarray) -> pd.Index:
+        """A hash index of a group's level keys, built once per fitted encoder (not pickled)."""
+        cache = self.__dict__.setdefault("_level_index_cache", {})
+        if position not in cache:
+            cache[position] = pd.Index(levels)
+        return cache[position]
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_level_index_cache", None)
+        return state
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "tables_")
