@@ -141,4 +141,5 @@ def read_processed(path: Path, cfg: DatasetConfig, *, require_target: bool) -> p
         )
     except pa.ArrowInvalid as exc:
         raise RtbError(f"{path}: {str(exc).splitlines()[0]}") from exc
-    return table.to_pandas()
+    # Hand Arrow's buffers to pandas column by column instead of holding both copies at once.
+    return table.to_pandas(split_blocks=True, self_destruct=True)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
@@ -25,14 +26,23 @@ from rtb.models.pipeline import feature_frame
 
 log = logging.getLogger(__name__)
 
+CHUNK_ROWS = 500_000
 
-def predict(model: object, frame, cfg: DatasetConfig) -> np.ndarray:  # noqa: ANN001
-    """Pure core: probability of install for each row, in input order."""
+
+def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarray:
+    """Pure core: probability of install for each row, in input order.
+
+    Rows are scored in chunks: the encoded feature matrix of 3.7M rows would otherwise need
+    about 1 GB on top of the frame, for results that are the same row by row.
+    """
+    features = feature_frame(frame, cfg)
+    probabilities = np.empty(len(features), dtype=np.float64)
     try:
-        probabilities = model.predict_proba(feature_frame(frame, cfg))[:, 1]
+        for start in range(0, len(features), CHUNK_ROWS):
+            chunk = features.iloc[start : start + CHUNK_ROWS]
+            probabilities[start : start + len(chunk)] = model.predict_proba(chunk)[:, 1]
     except KeyError as exc:
         raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
-    probabilities = np.asarray(probabilities, dtype=np.float64)
     if not np.all(np.isfinite(probabilities)):
         raise RtbError("model produced non-finite probabilities; refusing to write them")
     return probabilities
