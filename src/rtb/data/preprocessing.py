@@ -142,14 +142,20 @@ def read_processed(path: Path, cfg: DatasetConfig, *, require_target: bool) -> p
     if require_target:
         types[cfg.target] = pa.int8()
     try:
-        table = pcsv.read_csv(
-            path,
-            convert_options=pcsv.ConvertOptions(column_types=types, include_columns=needed),
-        )
+        table = _read_typed(path, types, needed)
     except pa.ArrowInvalid as exc:
-        raise RtbError(f"{path}: {str(exc).splitlines()[0]}") from exc
+        # Processed files written before timestamps became naive UTC carry a 'Z' suffix.
+        try:
+            table = _read_typed(path, types | {cfg.timestamp: pa.timestamp("ms", tz="UTC")}, needed)
+        except pa.ArrowInvalid:
+            raise RtbError(f"{path}: {str(exc).splitlines()[0]}") from exc
     # Hand Arrow's buffers to pandas column by column instead of holding both copies at once.
     frame = table.to_pandas(split_blocks=True, self_destruct=True)
     stamps = frame[cfg.timestamp]
     frame[cfg.timestamp] = stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
     return frame
+
+
+def _read_typed(path: Path, types: dict[str, pa.DataType], columns: list[str]) -> pa.Table:
+    options = pcsv.ConvertOptions(column_types=types, include_columns=columns)
+    return pcsv.read_csv(path, convert_options=options)

@@ -23,6 +23,7 @@ from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
 from rtb.models.pipeline import feature_frame
+from rtb.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,12 @@ def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarra
     """
     features = feature_frame(frame, cfg)
     probabilities = np.empty(len(features), dtype=np.float64)
+    progress = Progress(log, "predict", -(-len(features) // CHUNK_ROWS))
     try:
         for start in range(0, len(features), CHUNK_ROWS):
             chunk = features.iloc[start : start + CHUNK_ROWS]
             probabilities[start : start + len(chunk)] = model.predict_proba(chunk)[:, 1]
+            progress.advance(f"scored rows {start + 1}-{start + len(chunk)} of {len(features)}")
     except KeyError as exc:
         raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
     if not np.all(np.isfinite(probabilities)):

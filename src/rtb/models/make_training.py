@@ -45,6 +45,7 @@ from rtb.models.metrics import (
 )
 from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, feature_frame
 from rtb.models.report_plots import write_report_plots
+from rtb.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +282,15 @@ def train(
         frame[cfg.timestamp][holdout].min(),
         y.mean(),
     )
-    results = [
-        fit_candidate(name, cfg, X, y, holdout, cv_folds=cv_folds, seed=seed) for name in candidates
-    ]
+    progress = Progress(log, "train", len(candidates) + 1)
+    results = []
+    for name in candidates:
+        results.append(fit_candidate(name, cfg, X, y, holdout, cv_folds=cv_folds, seed=seed))
+        progress.advance(f"candidate {name}")
     selected = min(results, key=lambda r: r.holdout["log_loss"])
     log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
     selected.cv = cross_validated(selected, X, y, cv_folds=cv_folds, seed=seed)
+    progress.advance("cross-validation")
     return TrainResult(selected=selected, candidates=results, frame=frame, holdout=holdout)
 
 
