@@ -98,7 +98,9 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
     the rows before it only (CatBoost's ordered target statistics; rows must arrive in time
     order). That is exactly what scoring sees, which only knows the past; out-of-fold
     encodings would instead let a user's own later install leak into their earlier clicks.
-    Frequencies carry no label, so they use all training rows for training and scoring alike.
+    Frequencies are ordered the same way (rows seen before): a level new at scoring time then
+    looks like a level's first rows in training, instead of a count of 0 that training never
+    showed the model (which sent requests with unseen ids to absurd probabilities).
     With `smoothing="auto"` the prior strength m is estimated per group by empirical Bayes
     (method of moments on a beta-binomial): groups whose levels truly differ get little
     shrinkage, groups that are mostly noise get a lot.
@@ -162,15 +164,13 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
             n_before[order] = np.arange(len(key)) - first
             s_before[order] = sums_before - sums_before[first]
             totals = np.add.reduceat(sorted_y, starts)
-            level_of_row = np.empty(len(key), dtype=np.int64)
-            level_of_row[order] = np.repeat(np.arange(len(starts)), sizes)
             strength = self._prior_strength(totals, sizes)
             self.smoothing_.append(strength)
             self.tables_.append(
                 (sorted_key[starts], self._log_odds(totals, sizes, strength), np.log1p(sizes))
             )
             out[:, 2 * position] = self._log_odds(s_before, n_before, strength)
-            out[:, 2 * position + 1] = np.log1p(sizes)[level_of_row]
+            out[:, 2 * position + 1] = np.log1p(n_before)
         return out
 
     def _prior_strength(self, positives: np.ndarray, counts: np.ndarray) -> float:
