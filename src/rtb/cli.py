@@ -142,6 +142,10 @@ def serve(
     model: Annotated[Path | None, typer.Option("--model")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch")] = 1000,
     reload_seconds: Annotated[float, typer.Option("--reload-seconds")] = 5.0,
+    max_body_bytes: Annotated[
+        int | None, typer.Option("--max-body-bytes", help="Default: 1 KiB per allowed row.")
+    ] = None,
+    dataset_config: DatasetOption = None,
 ) -> None:
     """Serve the champion model over HTTP (POST /predict, GET /health, GET /model)."""
     from rtb.serving.app import run_server
@@ -153,6 +157,8 @@ def serve(
         model_path=model,
         max_batch=max_batch,
         reload_seconds=reload_seconds,
+        max_body_bytes=max_body_bytes,
+        dataset_config=dataset_config,
     )
 
 
