@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -177,3 +178,32 @@ def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, s
     assert after_models == {p for p in before if p.name != "champion.yaml"}
     for path, digest in before.items():
         assert _sha256(path) == digest, f"{path.name} changed"
+
+
+def test_scheduler_restart_mid_run_still_finishes_consistently(api, stack, trained_run) -> None:
+    """Restart the scheduler (`docker compose restart`: SIGTERM, then a new process) while a
+    training task runs: the run must still finish and every model on disk match its report."""
+    api.wait_until_idle("train_pipeline")
+    run_id = api.trigger("train_pipeline")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = {t: ti["state"] for t, ti in api.task_instances("train_pipeline", run_id).items()}
+        if "running" in states.values():
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no task started running: {states}")
+
+    restart = stack.run_sh("compose", "restart", "airflow-scheduler", timeout=300)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+
+    state = api.wait_for_run("train_pipeline", run_id)
+    tis = api.task_instances("train_pipeline", run_id)
+    tries = {t: (ti["state"], ti["try_number"]) for t, ti in tis.items()}
+    print(f"\nafter a scheduler restart: run {state}, tasks {tries}")
+    assert state == "success", tries
+    champion = yaml.safe_load((stack.root / "models/champion.yaml").read_text())
+    assert _sha256(stack.root / "models" / champion["model"]) == champion["sha256"]
+    for model in (stack.root / "models").glob("pipeline_*.pkl"):
+        report = stack.root / "reports" / f"report_{model.stem.split('_', 1)[1]}.yaml"
+        assert yaml.safe_load(report.read_text())["artifacts"]["model_sha256"] == _sha256(model)
