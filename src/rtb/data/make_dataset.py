@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,36 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
                        "empty timestamps (expected every row to have one)")
     for name in cfg.datetimes:
         columns[name] = parse_timestamps(path, name, table.column(name))
+    for name in ([cfg.id] if cfg.id else []) + cfg.categorical:
+        _check_no_control_characters(path, name, table.column(name))
     for name in cfg.categorical:
         columns[name] = pc.dictionary_encode(table.column(name))
+    _warn_about_future(path, cfg.timestamp, columns[cfg.timestamp])
     for name in cfg.numerical:
         columns[name] = _checked_numbers(path, name, table.column(name), name in cfg.non_negative)
     if split == "train":
         columns[cfg.target] = _checked_target(path, cfg.target, table.column(cfg.target))
     return pa.table(columns)
+
+
+def _check_no_control_characters(path: Path, name: str, column: pa.ChunkedArray) -> None:
+    """A NUL or other control byte inside a text field means a corrupt file, not a value."""
+    bad = pc.match_substring_regex(column, r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+    if pc.any(bad).as_py():
+        row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False).astype(bool))[0])
+        raise RtbError(
+            f"{path}: column {name!r} line {row + 2}: expected text without control characters "
+            "(a NUL or similar byte: the file is corrupt)"
+        )
+
+
+def _warn_about_future(path: Path, name: str, stamps: pa.ChunkedArray) -> None:
+    """Requests from the future are kept (clocks drift) but said out loud."""
+    now = pa.scalar(datetime.now(UTC), type=pa.timestamp("ms", tz="UTC"))
+    future = pc.sum(pc.greater(stamps, now)).as_py() or 0
+    if future:
+        log.warning("%s: %d rows have a %s in the future (latest %s)", path.name, future, name,
+                    pc.max(stamps).as_py())
 
 
 def _check_unique_ids(path: Path, name: str, ids: pa.ChunkedArray) -> None:

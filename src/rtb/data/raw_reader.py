@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,10 @@ def check_columns(path: Path, header: list[str], cfg: DatasetConfig, split: str)
             f"{path}: expected {cfg.separator!r}-separated columns {required}, "
             f"found a single column{hint}"
         )
-    duplicated = sorted({c for c in header if header.count(c) > 1})
+    duplicated = sorted(name for name, count in Counter(header).items() if count > 1)
     if duplicated:
-        raise RtbError(f"{path}: header repeats column(s) {duplicated}")
+        shown = duplicated[:10] + (["..."] if len(duplicated) > 10 else [])
+        raise RtbError(f"{path}: header repeats column(s) {shown}")
     missing = [c for c in required if c not in header]
     if missing:
         raise RtbError(f"{path}: missing required column(s) {missing} (expected {required})")

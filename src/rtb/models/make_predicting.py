@@ -57,19 +57,16 @@ def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path 
     entry = registry.resolve_model(paths.models_dir, model_path)
     log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
     model = registry.load_verified(entry)
+    if not hasattr(model, "predict_proba"):
+        raise RtbError(f"{entry.path}: holds a {type(model).__name__}, not a model with predict_proba")
     source = paths.processed("test")
     input_sha = sha256_file(source) if source.exists() else None
     frame = read_processed(source, cfg, require_target=False)
     probabilities = predict(model, frame, cfg)
     version = claim_version(lambda v: (paths.predictions_dir / f"predictions_{v}.npy").exists())
     stem = paths.predictions_dir / f"predictions_{version}"
-    with atomic_path(stem.with_suffix(".npy")) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, probabilities)
     ids = pa.array(frame[cfg.id_column].astype(str).to_numpy())
     table = pa.table({"id": ids, "probability": pa.array(probabilities)})
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        pcsv.write_csv(table, tmp)
     sidecar = {
         "version": version,
         "rows": int(len(probabilities)),
@@ -79,7 +76,22 @@ def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path 
         "outputs": [stem.with_suffix(".npy").name, stem.with_suffix(".csv").name],
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_yaml(stem.with_suffix(".yaml"), sidecar)
+    # The three files are one result: if any write fails, the ones already renamed into place
+    # are removed again, so a predictions_<version> set is either complete or absent.
+    written: list[Path] = []
+    try:
+        with atomic_path(stem.with_suffix(".npy")) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, probabilities)
+        written.append(stem.with_suffix(".npy"))
+        with atomic_path(stem.with_suffix(".csv")) as tmp:
+            pcsv.write_csv(table, tmp)
+        written.append(stem.with_suffix(".csv"))
+        write_yaml(stem.with_suffix(".yaml"), sidecar)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     log.info(
         "scored %d rows (mean probability %.5f) with %s; wrote %s in %.1f s",
         len(probabilities),

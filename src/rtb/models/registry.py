@@ -90,6 +90,11 @@ def load_champion_entry(models_dir: Path) -> ModelEntry:
         )
     except KeyError as exc:
         raise RtbError(f"{pointer}: lacks key {exc.args[0]!r}") from exc
+    if not MODEL_NAME.match(str(payload["model"])):
+        raise RtbError(f"{pointer}: model {payload['model']!r} is not a pipeline_<version>.pkl in models/")
+    recorded = entry_from_report(entry.path)
+    if recorded.sha256 != entry.sha256:
+        raise RtbError(f"{pointer}: sha256 of {entry.path.name} differs from its training report")
     verify_sha256(entry)
     return entry
 
