@@ -464,8 +464,9 @@ def _spline(
         raise NotCompilable("SplineTransformer after a categorical/one-hot output")
     features = [_materialize(f, src) if isinstance(f, Piecewise) else f for f in features]
     out: list[Feature] = []
-    by_table = _tabled_outputs(step, features, dtype, lambda p: range(p * n_splines,
-                                                                        (p + 1) * n_splines))
+    by_table = _tabled_outputs(
+        step, features, dtype, lambda p: range(p * n_splines, (p + 1) * n_splines)
+    )
     for position, feature in enumerate(features):
         if isinstance(feature, Tabled):
             out += [Tabled(feature.table, v) for v in by_table[position]]

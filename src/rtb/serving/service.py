@@ -29,7 +29,6 @@ from rtb.serving.scorer import Scorer, build_scorer
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class LoadedModel:
     """One model ready to serve: its registry entry, scorer and what its report says."""
