@@ -195,3 +195,17 @@ def test_pickled_pipeline_is_the_whole_scoring_path(trained) -> None:
     probabilities = pipeline.predict_proba(frame)[:, 1]
     assert probabilities.shape == (len(frame),)
     assert pipeline.steps[0][0] == "features"
+
+
+def test_too_few_installs_to_calibrate_is_one_clear_line(trained, run_cli) -> None:
+    processed = trained.processed("train")
+    frame = pd.read_csv(processed)
+    positives = np.flatnonzero(frame["install"].to_numpy() == 1)
+    frame.loc[positives[3:], "install"] = 0
+    frame.to_csv(processed, index=False)
+    models_before = sorted(trained.models_dir.glob("pipeline_*.pkl"))
+    result = run_cli("train", "--project-dir", str(trained.root))
+    assert result.code == 1
+    line = error_line(result.stderr)
+    assert "column 'install'" in line and "need at least 5 of each class" in line
+    assert sorted(trained.models_dir.glob("pipeline_*.pkl")) == models_before

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 HOLDOUT_SHARE = 0.2
 CV_MAX_ROWS = 300_000
 MAX_FIT_NEGATIVES = 600_000
+MIN_CLASS_ROWS = 5  # the holdout calibration is cross-fitted over 5 stratified folds
 SEGMENT_MAX_LEVELS = 12
 LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib")
 
@@ -120,10 +121,11 @@ def cross_fitted_platt(log_odds: np.ndarray, y: np.ndarray, seed: int) -> np.nda
 def _check_trainable(y: np.ndarray, holdout: np.ndarray, source: str, target: str) -> None:
     for label, rows in (("earliest 80%", ~holdout), ("latest 20% (holdout)", holdout)):
         positives = int(y[rows].sum())
-        if positives < 2 or positives > rows.sum() - 2:
+        if positives < MIN_CLASS_ROWS or positives > rows.sum() - MIN_CLASS_ROWS:
             raise RtbError(
                 f"{source}: column {target!r} has {positives} positives in the {label} of "
-                f"{int(rows.sum())} rows; need both classes in both parts to train and validate"
+                f"{int(rows.sum())} rows; need at least {MIN_CLASS_ROWS} of each class in both "
+                "parts to train and calibrate"
             )
 
 
@@ -134,10 +136,9 @@ def fit_candidate(
     y: np.ndarray,
     holdout: np.ndarray,
     *,
-    cv_folds: int,
     seed: int,
 ) -> CandidateResult:
-    """Fit on the early rows, calibrate and score on the holdout, cross-validate on a sample."""
+    """Fit on the early rows (negatives downsampled), calibrate and score on the holdout."""
     started = time.perf_counter()
     pipeline = build_pipeline(name, cfg, seed)
     fit_rows = negative_downsample(y, ~holdout, MAX_FIT_NEGATIVES, seed)
@@ -285,7 +286,7 @@ def train(
     progress = Progress(log, "train", len(candidates) + 1)
     results = []
     for name in candidates:
-        results.append(fit_candidate(name, cfg, X, y, holdout, cv_folds=cv_folds, seed=seed))
+        results.append(fit_candidate(name, cfg, X, y, holdout, seed=seed))
         progress.advance(f"candidate {name}")
     selected = min(results, key=lambda r: r.holdout["log_loss"])
     log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
@@ -469,4 +470,3 @@ def run_training(paths: ProjectPaths, cfg: DatasetConfig, *, cv_folds: int, seed
         time.perf_counter() - started,
     )
     return report_path
-
