@@ -2,15 +2,20 @@
 
 Every writer produces a temporary file in the destination folder, flushes and fsyncs it,
 then renames it into place. A process killed midway leaves only a `.tmp-*` file that no
-reader looks at; readers never see a truncated artifact under its final name.
+reader looks at; readers never see a truncated artifact under its final name. Writers hold an
+flock on their temporary file, so the next writer in the folder can tell a dead one's
+leftover (lockable, and old) from a live write and remove it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +25,10 @@ from rtb.errors import RtbError
 
 TMP_PREFIX = ".tmp-"
 EXISTS = "already exists; versioned artifacts are never overwritten"
+ARTIFACT_MODE = 0o644  # shared: Airflow, the scoring service and the user all read artifacts
+STALE_TMP_SECONDS = 600
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,16 +46,14 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise RtbError(f"{final.parent}: cannot create output folder ({exc.strerror})") from exc
     if not overwrite and final.exists():
         raise RtbError(f"{final}: {EXISTS}")
+    remove_stale_tmp_files(final.parent)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # "a live writer owns this file"; released on death
+        os.fchmod(fd, ARTIFACT_MODE)
     except OSError as exc:
         raise RtbError(f"{final.parent}: cannot write ({exc.strerror})") from exc
-    os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; artifacts are shared (Airflow, the scoring service, the user).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         _fsync(tmp)
@@ -64,6 +71,38 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        os.close(fd)
+
+
+def remove_stale_tmp_files(folder: Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete `.tmp-*` files left by writers that died (killed mid-write, disk full).
+
+    A file counts as dead only if no process holds its flock (the kernel drops a dead
+    process's locks) and it has not been modified for `older_than` seconds, which also covers
+    the instant between a live writer creating its file and locking it.
+    """
+    removed = []
+    try:
+        candidates = [p for p in Path(folder).iterdir() if p.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return removed
+    now = time.time()
+    for path in candidates:
+        try:
+            if now - path.stat().st_mtime < older_than:
+                continue
+            with open(path, "rb") as handle:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        log.info("%s: removed %d stale temporary file(s) of dead writers", folder, len(removed))
+    return removed
 
 
 def _fsync(path: Path) -> None:
