@@ -50,10 +50,13 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
                        "empty timestamps (expected every row to have one)")
     for name in cfg.datetimes:
         columns[name] = parse_timestamps(path, name, table.column(name))
-    for name in ([cfg.id] if cfg.id else []) + cfg.categorical:
-        _check_no_control_characters(path, name, table.column(name))
+    if cfg.id:
+        _check_no_control_characters(path, cfg.id, table.column(cfg.id))
     for name in cfg.categorical:
         columns[name] = pc.dictionary_encode(table.column(name))
+        levels = pa.chunked_array([chunk.dictionary for chunk in columns[name].chunks])
+        if _has_control_characters(levels):  # checking the few levels is cheap; find the row
+            _check_no_control_characters(path, name, table.column(name))
     _warn_about_future(path, cfg.timestamp, columns[cfg.timestamp])
     for name in cfg.numerical:
         columns[name] = _checked_numbers(path, name, table.column(name), name in cfg.non_negative)
@@ -62,11 +65,18 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
     return pa.table(columns)
 
 
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
+
+
+def _has_control_characters(column: pa.ChunkedArray) -> bool:
+    return bool(pc.any(pc.match_substring_regex(column, CONTROL_CHARACTERS)).as_py())
+
+
 def _check_no_control_characters(path: Path, name: str, column: pa.ChunkedArray) -> None:
     """A NUL or other control byte inside a text field means a corrupt file, not a value."""
-    bad = pc.match_substring_regex(column, r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+    bad = pc.fill_null(pc.match_substring_regex(column, CONTROL_CHARACTERS), False)
     if pc.any(bad).as_py():
-        row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False).astype(bool))[0])
+        row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
         raise RtbError(
             f"{path}: column {name!r} line {row + 2}: expected text without control characters "
             "(a NUL or similar byte: the file is corrupt)"
