@@ -74,7 +74,7 @@ def make_dataset(
     project_dir: ProjectDirOption = None,
     dataset_config: DatasetOption = None,
 ) -> None:
-    """Validate a raw gzip CSV and write data/interim/<split>.parquet."""
+    """Validate a raw gzip CSV and write data/interim/<split>.arrow."""
     from rtb.data.make_dataset import run_make_dataset
     from rtb.dataset_config import load_dataset_config
 

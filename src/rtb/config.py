@@ -56,7 +56,7 @@ class ProjectPaths:
         return self.root / "reports"
 
     def interim(self, split: str) -> Path:
-        return self.interim_dir / f"{split}.parquet"
+        return self.interim_dir / f"{split}.arrow"
 
     def processed(self, split: str) -> Path:
         return self.processed_dir / f"{split}_df.csv"

@@ -77,7 +77,7 @@ def trained_template(tmp_path_factory: pytest.TempPathFactory, generated: Path) 
 
 @pytest.fixture(scope="session")
 def big_test_template(tmp_path_factory: pytest.TempPathFactory, generated: Path) -> ProjectPaths:
-    """The 300k-row test log with its interim Parquet and processed CSV (~48 MB)."""
+    """The 300k-row test log with its interim Arrow file and processed CSV (~48 MB)."""
     from rtb.data.make_dataset import run_make_dataset
     from rtb.data.preprocessing import run_preprocess
     from rtb.dataset_config import load_dataset_config

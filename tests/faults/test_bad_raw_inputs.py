@@ -1,5 +1,5 @@
 """Bad raw logs given to `rtb make-dataset`: each one fails with exit 1 and one short line naming
-the file, and the previous interim Parquet stays byte-identical (no temp file left). Odd but valid
+the file, and the previous interim table stays byte-identical (no temp file left). Odd but valid
 logs (unicode ids, CRLF line endings, timestamps in the future) succeed.
 
 The fuzz part is seeded (reproducible) and capped in count and time; it uses no extra library.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 from conftest import small_raw_frame, write_raw
 
@@ -136,7 +136,7 @@ def test_unicode_ids_are_valid_all_the_way_to_the_predictions(trained, run_cli) 
     for stage in (("make-dataset", "--split", "test"), ("preprocess", "--split", "test"), ("predict",)):
         result = run_cli(*stage, "--project-dir", str(paths.root))
         assert result.code == 0, result.stderr
-    assert pq.read_table(paths.interim("test")).column("id").to_pylist() == frame["id"].tolist()
+    assert feather.read_table(paths.interim("test")).column("id").to_pylist() == frame["id"].tolist()
     (predictions,) = paths.predictions_dir.glob("predictions_*.csv")
     assert pcsv.read_csv(predictions).column("id").to_pylist() == frame["id"].tolist()
 
@@ -150,7 +150,7 @@ def test_crlf_line_endings_are_valid(split, trained, run_cli) -> None:
     text = frame.to_csv(sep=";", index=False, lineterminator="\r\n")
     result = _make_dataset(paths, run_cli, gzip.compress(text.encode()), split)
     assert result.code == 0, result.stderr
-    table = pq.read_table(paths.interim(split))
+    table = feather.read_table(paths.interim(split))
     assert table.num_rows == 300
     for name in ("id", "deviceType", "connectionType"):
         values = table.column(name).cast("string").to_pylist()
@@ -220,7 +220,7 @@ def test_fuzzed_raw_files_fail_cleanly_or_are_read_whole(trained, run_cli, tmp_p
             try:
                 result = _make_dataset(paths, run_cli, data)
                 if result.code == 0:
-                    table = pq.read_table(paths.interim("train"))
+                    table = feather.read_table(paths.interim("train"))
                     assert table.schema.metadata[b"rtb.source_sha256"].decode() == sha256_file(raw)
                     before = sha256_file(paths.interim("train"))
                 else:

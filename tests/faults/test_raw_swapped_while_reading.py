@@ -1,6 +1,6 @@
 """The raw log is replaced (os.replace, as a sync job would) while `rtb make-dataset` reads it:
 the run fails with "changed while it was being read", or its output holds exactly one file,
-whose sha256 is the one recorded in the Parquet metadata. Never a mix."""
+whose sha256 is the one recorded in the interim schema metadata. Never a mix."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 from conftest import small_raw_frame, write_raw
 
@@ -43,8 +43,8 @@ def _replacement(raw_dir: Path, name: str) -> tuple[Path, list[str]]:
     return path, frame["id"].tolist()
 
 
-def _ids(parquet: Path) -> list[str]:
-    return pq.read_table(parquet, columns=["id"]).column("id").to_pylist()
+def _ids(interim: Path) -> list[str]:
+    return feather.read_table(interim, columns=["id"]).column("id").to_pylist()
 
 
 def test_swap_while_the_file_is_open_fails_the_run(big_project, run_cli, tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_swap_while_the_file_is_open_fails_the_run(big_project, run_cli, tmp_pat
     # Run again: the new file is read whole.
     result = run_cli("make-dataset", "--split", "test", "--project-dir", str(paths.root))
     assert result.code == 0, result.stderr
-    table = pq.read_table(paths.interim("test"))
+    table = feather.read_table(paths.interim("test"))
     assert table.schema.metadata[SOURCE_SHA].decode() == incoming_sha
     assert table.column("id").to_pylist() == incoming_ids
 
@@ -106,7 +106,7 @@ def test_swap_at_random_moments_never_mixes_two_files(big_project, big_test_temp
             assert not paths.interim("test").exists()
             outcomes.append("failed")
             continue
-        table = pq.read_table(paths.interim("test"))
+        table = feather.read_table(paths.interim("test"))
         recorded = table.schema.metadata[SOURCE_SHA].decode()
         assert recorded in (original_sha, incoming_sha)
         expected = original_ids if recorded == original_sha else incoming_ids

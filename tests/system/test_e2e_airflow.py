@@ -51,7 +51,7 @@ def test_predict_before_any_training_stops_at_check_model(api, untrained_predict
 def test_train_pipeline_writes_features_model_and_report(stack, trained_run) -> None:
     assert trained_run.state == "success"
     root = stack.root
-    assert (root / "data/interim/train.parquet").is_file()
+    assert (root / "data/interim/train.arrow").is_file()
     train_df = root / "data/processed/train_df.csv"
     assert train_df.is_file() and train_df.stat().st_size > 0
     models = sorted((root / "models").glob("pipeline_*.pkl"))

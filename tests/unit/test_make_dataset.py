@@ -1,4 +1,4 @@
-"""make-dataset: a valid log becomes typed Parquet; every bad input is one clear line, exit 1,
+"""make-dataset: a valid log becomes a typed Arrow table; every bad input is one clear line, exit 1,
 and the previous artifact stays byte-identical."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import gzip
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 from conftest import small_raw_frame, write_raw
 
@@ -20,10 +20,10 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_valid_train_log_becomes_typed_parquet(raw_project, run_cli) -> None:
+def test_valid_train_log_becomes_typed_arrow(raw_project, run_cli) -> None:
     result = run_cli("make-dataset", "--split", "train", "--project-dir", str(raw_project.root))
     assert result.code == 0, result.stderr
-    table = pq.read_table(raw_project.interim("train"))
+    table = feather.read_table(raw_project.interim("train"))
     assert table.num_rows == 600
     frame = table.to_pandas()
     assert str(frame["timestamp"].dtype) == "datetime64[ms, UTC]"
@@ -38,7 +38,7 @@ def test_valid_train_log_becomes_typed_parquet(raw_project, run_cli) -> None:
 def test_test_split_has_no_target(raw_project, run_cli) -> None:
     result = run_cli("make-dataset", "--split", "test", "--project-dir", str(raw_project.root))
     assert result.code == 0, result.stderr
-    assert "install" not in pq.read_table(raw_project.interim("test")).column_names
+    assert "install" not in feather.read_table(raw_project.interim("test")).column_names
 
 
 def test_extra_columns_are_ignored_and_logged(project, run_cli) -> None:
@@ -47,7 +47,7 @@ def test_extra_columns_are_ignored_and_logged(project, run_cli) -> None:
     result = run_cli("make-dataset", "--split", "train", "--project-dir", str(project.root))
     assert result.code == 0, result.stderr
     assert "ignoring extra column(s) ['bidFloor']" in result.log
-    assert "bidFloor" not in pq.read_table(project.interim("train")).column_names
+    assert "bidFloor" not in feather.read_table(project.interim("train")).column_names
 
 
 def _corrupt_cases() -> dict[str, tuple]:

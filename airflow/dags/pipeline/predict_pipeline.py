@@ -5,7 +5,7 @@ Scores the newest test log with the champion model, every hour.
 
 1. `check_model`: `rtb check-model` verifies `models/champion.yaml` and the pickle it names.
 2. `make_dataset`: `rtb make-dataset --split test` checks `data/raw/test_data.csv.gz` and
-   writes `data/interim/test.parquet`.
+   writes `data/interim/test.arrow`.
 3. `preprocessing`: `rtb preprocess --split test` writes `data/processed/test_df.csv`.
 4. `predicting`: `rtb predict` scores it with the champion and writes
    `data/predictions/predictions_<version>.npy` (with `.csv` and a `.yaml` sidecar).

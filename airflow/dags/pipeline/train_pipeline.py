@@ -4,7 +4,7 @@
 Turns the raw training log into a new candidate model, every day at 06:00 UTC.
 
 1. `make_dataset`: `rtb make-dataset --split train` checks `data/raw/training_data.csv.gz`
-   and writes `data/interim/train.parquet`.
+   and writes `data/interim/train.arrow`.
 2. `preprocessing`: `rtb preprocess --split train` writes `data/processed/train_df.csv`.
 3. `training`: `rtb train` fits and evaluates the model and writes
    `models/pipeline_<version>.pkl` and `reports/report_<version>.yaml` (CV and holdout

@@ -1,9 +1,12 @@
-"""Stage 1: validate a raw log against its dataset config and store it typed, as Parquet.
+"""Stage 1: validate a raw log against its dataset config and store it typed, as Arrow IPC.
 
-Everything downstream trusts `data/interim/<split>.parquet`: ids are unique, timestamps are
+Everything downstream trusts `data/interim/<split>.arrow`: ids are unique, timestamps are
 UTC, numbers are numbers, the target is 0/1 with both classes present, categoricals are
-dictionary-encoded strings. The raw file's sha256 is stored in the Parquet metadata so later
-stages can tell which input they came from.
+dictionary-encoded strings. The raw file's sha256 is stored in the schema metadata so later
+stages can tell which input they came from. The interim file is uncompressed Arrow IPC
+(Feather v2) rather than Parquet: it is written and memory-mapped back in a fraction of a
+second (Parquet with lz4 took 1.7 s to write and 1.6 s to read at 3.7M rows), and it is a
+hand-over between two of our own stages, not a file users keep.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 
 from rtb.config import ProjectPaths
 from rtb.data.raw_reader import parse_timestamps, read_raw_table
@@ -53,10 +56,10 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
     if cfg.id:
         _check_no_control_characters(path, cfg.id, table.column(cfg.id))
     for name in cfg.categorical:
-        columns[name] = pc.dictionary_encode(table.column(name))
+        columns[name] = pc.dictionary_encode(table.column(name))  # no-op if the reader did it
         levels = pa.chunked_array([chunk.dictionary for chunk in columns[name].chunks])
         if _has_control_characters(levels):  # checking the few levels is cheap; find the row
-            _check_no_control_characters(path, name, table.column(name))
+            _check_no_control_characters(path, name, pc.cast(columns[name], pa.string()))
     _warn_about_future(path, cfg.timestamp, columns[cfg.timestamp])
     for name in cfg.numerical:
         columns[name] = _checked_numbers(path, name, table.column(name), name in cfg.non_negative)
@@ -93,7 +96,7 @@ def _warn_about_future(path: Path, name: str, stamps: pa.ChunkedArray) -> None:
 
 
 def _check_unique_ids(path: Path, name: str, ids: pa.ChunkedArray) -> None:
-    if pc.count_distinct(ids).as_py() == len(ids):
+    if len(pc.unique(ids)) == len(ids):  # unique() is about 2x faster than count_distinct()
         return
     counts = pc.value_counts(ids)
     repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
@@ -167,13 +170,13 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 def run_make_dataset(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:
-    """CLI stage: data/raw/<file> -> data/interim/<split>.parquet (atomically replaced)."""
+    """CLI stage: data/raw/<file> -> data/interim/<split>.arrow (atomically replaced)."""
     started = time.perf_counter()
     raw_path = paths.raw_dir / cfg.files[split]
     typed = make_dataset(raw_path, cfg, split)
     out = paths.interim(split)
     with atomic_path(out, overwrite=True) as tmp:
-        pq.write_table(typed, tmp, compression="lz4")
+        feather.write_feather(typed, tmp, compression="uncompressed")
     seconds = time.perf_counter() - started
     message = "%s: read %d rows x %d columns, wrote %s in %.1f s"
     log.info(message, raw_path.name, typed.num_rows, typed.num_columns, out, seconds)
@@ -181,3 +184,14 @@ def run_make_dataset(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Pat
         rate = pc.mean(typed.column(cfg.target)).as_py()
         log.info("train base rate %.4f (%d positives)", rate, int(rate * typed.num_rows))
     return out
+
+
+def read_interim(path: Path) -> pa.Table:
+    """The typed table `make_dataset` wrote, memory-mapped (no copy until a column is used)."""
+    if not path.exists():
+        raise RtbError(f"{path}: file not found (run `rtb make-dataset` first)")
+    try:
+        return feather.read_table(path, memory_map=True)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RtbError(f"{path}: not a readable Arrow IPC file ({str(exc).splitlines()[0]}); "
+                       "run `rtb make-dataset` again") from exc

@@ -1,15 +1,17 @@
 """Read a raw gzip CSV into an Arrow table, or fail with one line naming file, column and row.
 
 Reading is the floor of the whole pipeline's speed, so the happy path is a single
-multi-threaded pyarrow parse with explicit column types. Only when that parse fails do we
-re-read the file as strings to find the first offending row, so that the error tells the user
-exactly what to fix.
+multi-threaded pyarrow parse with explicit column types, fed by Intel ISA-L's gzip decoder
+(`isal`: about 2x zlib's speed, and zlib inflate alone was half of pyarrow's own gzip read).
+Only when that parse fails do we re-read the file as strings to find the first offending row,
+so that the error tells the user exactly what to fix.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import re
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -19,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
+from isal import igzip, isal_zlib
 
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
@@ -29,6 +32,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 READ_BLOCK_BYTES = 8 << 20
 # Not "NA": that is Namibia's country code.
 NULL_TEXTS = ["", "NaN", "nan", "null", "NULL", "None"]
+SAMPLE_LINES = 200
+ZONE_SUFFIX = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
 
 
 def _open_checked(path: Path) -> None:
@@ -87,12 +92,20 @@ def check_columns(path: Path, header: list[str], cfg: DatasetConfig, split: str)
 
 
 def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
-    """Parse the raw file with explicit types; on failure pinpoint the bad column and row."""
+    """Parse the raw file with explicit types; on failure pinpoint the bad column and row.
+
+    The parser types every column itself, in parallel: categoricals straight into
+    dictionaries, counts into float32, timestamps into timestamps (with or without a UTC
+    offset, as the first rows show), so no string copy of 3.7M values is ever built.
+    """
     header = read_header(path, cfg.separator)
     columns = check_columns(path, header, cfg, split)
     types: dict[str, pa.DataType] = {c: pa.string() for c in columns}
+    for name in cfg.categorical:
+        types[name] = pa.dictionary(pa.int32(), pa.string())
     for name in cfg.numerical:
-        types[name] = pa.float64()
+        types[name] = pa.float32()
+    types.update(_timestamp_types(path, header, cfg))
     if split == "train":
         types[cfg.target] = pa.float64()
     convert = pcsv.ConvertOptions(
@@ -105,11 +118,43 @@ def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
     parse = pcsv.ParseOptions(delimiter=cfg.separator, newlines_in_values=False)
     read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES)
     try:
-        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        if path.suffix != ".gz":
+            return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        with igzip.open(path, "rb") as handle:
+            return pcsv.read_csv(
+                handle, read_options=read, parse_options=parse, convert_options=convert
+            )
     except pa.ArrowInvalid as exc:
         raise _explain_parse_error(path, cfg, columns, exc) from exc
-    except (OSError, EOFError, zlib.error) as exc:
+    except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
         raise RtbError(f"{path}: cannot decompress or read ({exc})") from exc
+
+
+def _timestamp_types(path: Path, header: list[str], cfg: DatasetConfig) -> dict[str, pa.DataType]:
+    """Zone-aware or naive timestamp type per datetime column, judged from the first rows.
+
+    A column with no value in the sample stays text and is parsed after the read.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    samples: dict[str, list[str]] = {name: [] for name in [cfg.timestamp, *cfg.datetimes]}
+    positions = {name: header.index(name) for name in samples}
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            handle.readline()
+            for _, line in zip(range(SAMPLE_LINES), handle, strict=False):
+                fields = line.rstrip("\r\n").split(cfg.separator)
+                for name, position in positions.items():
+                    value = fields[position].strip('"') if position < len(fields) else ""
+                    if value and value not in NULL_TEXTS:
+                        samples[name].append(value)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+        return {}  # the full read reports what is wrong with the file
+    types: dict[str, pa.DataType] = {}
+    for name, values in samples.items():
+        if values:
+            zoned = ZONE_SUFFIX.search(values[0]) is not None
+            types[name] = pa.timestamp("us", tz="UTC" if zoned else None)
+    return types
 
 
 def _explain_parse_error(
@@ -128,6 +173,10 @@ def _explain_parse_error(
     except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as inner:
         detail = str(inner).splitlines()[0]
         return RtbError(f"{path}: malformed CSV ({detail})")
+    for name in [cfg.timestamp, *cfg.datetimes]:
+        error = _bad_timestamp_error(path, name, table.column(name))
+        if error is not None:
+            return error
     numeric = [c for c in cfg.numerical + [cfg.target] if c in table.column_names]
     for name in numeric:
         text = table.column(name).to_pandas()
@@ -156,12 +205,22 @@ def parse_timestamps(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunk
         if attempt.tz is None:
             parsed = pc.assume_timezone(parsed, "UTC")
         return pc.cast(parsed, target, safe=False)
+    error = _bad_timestamp_error(path, name, column)
+    if error is None:  # every value is valid ISO, but offsets and naive values are mixed
+        text = column.to_pandas()
+        parsed = pd.to_datetime(text, utc=True, format="ISO8601")
+        return pa.chunked_array([pa.array(parsed, type=target)])
+    raise error
+
+
+def _bad_timestamp_error(path: Path, name: str, column: pa.ChunkedArray) -> RtbError | None:
     text = column.to_pandas()
     parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
-    bad = np.flatnonzero(parsed.isna().to_numpy() & text.notna().to_numpy())
-    row = int(bad[0]) if bad.size else 0
-    return_value = text.iloc[row] if bad.size else "?"
-    raise RtbError(
+    bad = np.flatnonzero(parsed.isna().to_numpy() & ~_is_null_text(text))
+    if not bad.size:
+        return None
+    row = int(bad[0])
+    return RtbError(
         f"{path}: column {name!r} line {row + 2}: expected an ISO timestamp such as "
-        f"'2019-01-09 21:20:15.943000+00:00', got {return_value!r}"
+        f"'2019-01-09 21:20:15.943000+00:00', got {text.iloc[row]!r}"
     )

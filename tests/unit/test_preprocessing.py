@@ -1,0 +1,60 @@
+"""The batch feature derivation (Arrow, used by `rtb preprocess`) and the per-request one
+(pandas, used by the scoring service) must agree value for value, or served scores drift
+from batch scores. Both run here on the same typed interim table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_raw_frame, write_raw
+
+from rtb.data.generate import generate_raw
+from rtb.data.make_dataset import make_dataset
+from rtb.data.preprocessing import MISSING, derive_feature_table, derive_features
+from rtb.dataset_config import load_dataset_config
+
+TALKINGDATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "talkingdata_train_sample.csv"
+
+
+def _assert_same_features(raw_path: Path, config: str, split: str) -> pd.DataFrame:
+    cfg = load_dataset_config(config)
+    interim = make_dataset(raw_path, cfg, split)
+    batch = derive_feature_table(interim, cfg).to_pandas()
+    served = derive_features(interim.to_pandas(), cfg)
+    assert list(batch.columns) == list(served.columns)
+    for name in cfg.categorical:
+        assert (batch[name].astype(str) == served[name].astype(str)).all(), name
+        assert not batch[name].isna().any(), f"{name}: gaps must become {MISSING!r}"
+    for name in cfg.feature_numerical:
+        np.testing.assert_allclose(batch[name], served[name], rtol=1e-6, equal_nan=True, err_msg=name)
+        assert batch[name].dtype == np.float32, name
+    stamps = pd.to_datetime(batch[cfg.timestamp]).dt.tz_localize("UTC")
+    assert (stamps == served[cfg.timestamp]).all()
+    if split == "train":
+        assert (batch[cfg.target].to_numpy() == served[cfg.target].to_numpy()).all()
+    return batch
+
+
+def test_batch_and_served_features_agree_on_rtb_logs(tmp_path: Path) -> None:
+    frame = small_raw_frame(2000, seed=5)
+    batch = _assert_same_features(write_raw(frame, tmp_path / "train.csv.gz"), "rtb", "train")
+    assert (batch["country"] == MISSING).sum() == frame["country"].isna().sum() > 0
+    assert batch["fromLastStart_missing"].sum() == frame["lastStart"].isna().sum() > 0
+
+
+def test_batch_and_served_features_agree_on_generated_logs(tmp_path: Path) -> None:
+    generate_raw(tmp_path, rows_train=20_000, rows_test=5_000, seed=3)
+    _assert_same_features(tmp_path / "training_data.csv.gz", "rtb", "train")
+    _assert_same_features(tmp_path / "test_data.csv.gz", "rtb", "test")
+
+
+def test_batch_and_served_features_agree_on_talkingdata(tmp_path: Path) -> None:
+    if not TALKINGDATA.exists():
+        pytest.fail(f"{TALKINGDATA} is missing: the TalkingData sample ships in ../shared/data")
+    sample = tmp_path / "train.csv"
+    pd.read_csv(TALKINGDATA, nrows=20_000).to_csv(sample, index=False)
+    batch = _assert_same_features(sample, "talkingdata", "train")
+    assert "attributed_time" not in batch.columns
