@@ -135,15 +135,18 @@ def run_preprocess(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:
     return out
 
 
-def read_processed(path: Path, cfg: DatasetConfig, *, require_target: bool) -> pd.DataFrame:
+def read_processed(
+    path: Path, cfg: DatasetConfig, *, require_target: bool, with_id: bool = True
+) -> pd.DataFrame:
     """Read a processed CSV with the dtypes the model pipeline expects (categoricals as category).
 
     A processed file from another dataset config, or a hand-edited one, fails here with the
-    missing column named, not deep inside sklearn.
+    missing column named, not deep inside sklearn. Training passes `with_id=False`: 3.7M id
+    strings are 100+ MB it never looks at.
     """
     if not path.exists():
         raise RtbError(f"{path}: file not found (run `rtb preprocess` first)")
-    needed = [cfg.id_column, cfg.timestamp, *cfg.feature_columns]
+    needed = ([cfg.id_column] if with_id else []) + [cfg.timestamp, *cfg.feature_columns]
     if require_target:
         needed.append(cfg.target)
     try:
@@ -169,8 +172,11 @@ def read_processed(path: Path, cfg: DatasetConfig, *, require_target: bool) -> p
             table = _read_typed(path, types | {cfg.timestamp: pa.timestamp("ms", tz="UTC")}, needed)
         except pa.ArrowInvalid:
             raise RtbError(f"{path}: {str(exc).splitlines()[0]}") from exc
-    # Hand Arrow's buffers to pandas column by column instead of holding both copies at once.
+    # Hand Arrow's buffers to pandas column by column instead of holding both copies at once,
+    # then give the parser's freed blocks back to the OS (about 400 MB at 3.7M rows).
     frame = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
+    pa.default_memory_pool().release_unused()
     stamps = frame[cfg.timestamp]
     frame[cfg.timestamp] = stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
     return frame

@@ -36,9 +36,25 @@ def lookup_codes(values: pd.Series, vocabulary: pd.Index) -> np.ndarray:
 
 
 def fit_vocabulary(values: pd.Series, min_frequency: int) -> pd.Index:
-    """Levels seen at least `min_frequency` times, most frequent first."""
-    counts = as_text(values).astype(str).value_counts(sort=True)
-    kept = counts[counts >= min_frequency].index
+    """Levels seen at least `min_frequency` times, most frequent first.
+
+    Categoricals are counted from their integer codes (a bincount), not by turning millions of
+    rows back into strings.
+    """
+    values = as_text(values)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes = values.cat.codes.to_numpy()
+        counts = pd.Series(
+            np.bincount(codes[codes >= 0], minlength=len(values.cat.categories)),
+            index=values.cat.categories.astype(str),
+        )
+        gaps = int((codes < 0).sum())
+        if gaps:
+            counts[MISSING] = counts.get(MISSING, 0) + gaps
+        counts = counts.sort_values(ascending=False, kind="stable")
+    else:
+        counts = values.astype(str).value_counts(sort=True)
+    kept = counts[(counts >= min_frequency) & (counts > 0)].index
     return pd.Index(kept.astype(str), dtype=object)
 
 

@@ -98,7 +98,7 @@ def bootstrap_log_loss_uplift(
     diff = row_loss(np.asarray(p_old)) - row_loss(np.asarray(p_new))
     rng = np.random.default_rng(seed)
     n = len(diff)
-    means = np.array([diff[rng.integers(0, n, n)].mean() for _ in range(rounds)])
+    means = np.array([diff[rng.integers(0, n, n, dtype=np.int32)].mean() for _ in range(rounds)])
     return {
         "uplift": float(diff.mean()),
         "ci95_low": float(np.quantile(means, 0.025)),

