@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from rtb.config import ProjectPaths, claim_version
-from rtb.data.preprocessing import read_processed
+from rtb.data.preprocessing import read_processed_for_scoring
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
@@ -27,7 +29,8 @@ from rtb.progress import Progress
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 500_000
+CHUNK_ROWS = 250_000
+SCORING_THREADS = 2
 
 
 def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarray:
@@ -38,12 +41,20 @@ def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarra
     """
     features = feature_frame(frame, cfg)
     probabilities = np.empty(len(features), dtype=np.float64)
-    progress = Progress(log, "predict", -(-len(features) // CHUNK_ROWS))
+    starts = range(0, len(features), CHUNK_ROWS)
+    progress = Progress(log, "predict", len(starts))
+
+    def score(start: int) -> int:
+        chunk = features.iloc[start : start + CHUNK_ROWS]
+        probabilities[start : start + len(chunk)] = model.predict_proba(chunk)[:, 1]
+        return start + len(chunk)
+
     try:
-        for start in range(0, len(features), CHUNK_ROWS):
-            chunk = features.iloc[start : start + CHUNK_ROWS]
-            probabilities[start : start + len(chunk)] = model.predict_proba(chunk)[:, 1]
-            progress.advance(f"scored rows {start + 1}-{start + len(chunk)} of {len(features)}")
+        # Two chunks at a time: the encoders and the model spend their time in numpy and
+        # LightGBM kernels that release the GIL; each chunk writes its own slice.
+        with ThreadPoolExecutor(max_workers=SCORING_THREADS, thread_name_prefix="score") as pool:
+            for start, end in zip(starts, pool.map(score, starts), strict=True):
+                progress.advance(f"scored rows {start + 1}-{end} of {len(features)}")
     except KeyError as exc:
         raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
     if not np.all(np.isfinite(probabilities)):
@@ -60,13 +71,14 @@ def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path 
     if not hasattr(model, "predict_proba"):
         raise RtbError(f"{entry.path}: holds a {type(model).__name__}, not a model with predict_proba")
     source = paths.processed("test")
-    input_sha = sha256_file(source) if source.exists() else None
-    frame = read_processed(source, cfg, require_target=False)
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the parse
+        input_sha = hasher.submit(sha256_file, source) if source.exists() else None
+        ids, frame = read_processed_for_scoring(source, cfg)
+        input_sha = input_sha.result() if input_sha else None
     probabilities = predict(model, frame, cfg)
     version = claim_version(lambda v: (paths.predictions_dir / f"predictions_{v}.npy").exists())
     stem = paths.predictions_dir / f"predictions_{version}"
-    ids = pa.array(frame[cfg.id_column].astype(str).to_numpy())
-    table = pa.table({"id": ids, "probability": pa.array(probabilities)})
+    table = pa.table({"id": pc.cast(ids, pa.string()), "probability": pa.array(probabilities)})
     sidecar = {
         "version": version,
         "rows": int(len(probabilities)),
