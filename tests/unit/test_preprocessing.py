@@ -1,6 +1,7 @@
 """The batch feature derivation (Arrow, used by `rtb preprocess`) and the per-request one
 (pandas, used by the scoring service) must agree value for value, or served scores drift
-from batch scores. Both run here on the same typed interim table."""
+from batch scores. Both run here on the same typed interim table. And the processed CSV's Arrow
+twin must never stand in for a CSV that was edited after preprocessing."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ import pytest
 from conftest import small_raw_frame, write_raw
 
 from rtb.data.generate import generate_raw
-from rtb.data.make_dataset import make_dataset
-from rtb.data.preprocessing import MISSING, derive_feature_table, derive_features
+from rtb.data.make_dataset import make_dataset, run_make_dataset
+from rtb.data.preprocessing import (
+    MISSING,
+    derive_feature_table,
+    derive_features,
+    processed_twin,
+    read_processed,
+    read_processed_twin,
+    run_preprocess,
+)
 from rtb.dataset_config import load_dataset_config
 
 TALKINGDATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "talkingdata_train_sample.csv"
@@ -58,3 +67,21 @@ def test_batch_and_served_features_agree_on_talkingdata(tmp_path: Path) -> None:
     pd.read_csv(TALKINGDATA, nrows=20_000).to_csv(sample, index=False)
     batch = _assert_same_features(sample, "talkingdata", "train")
     assert "attributed_time" not in batch.columns
+
+
+def test_readers_use_the_arrow_twin_only_while_the_csv_is_untouched(raw_project) -> None:
+    cfg = load_dataset_config("rtb")
+    run_make_dataset(raw_project, "train", cfg)
+    csv_path = run_preprocess(raw_project, "train", cfg)
+    assert processed_twin(csv_path).is_file()
+    assert read_processed_twin(csv_path, ["install"]) is not None
+    from_twin = read_processed(csv_path, cfg, require_target=True)
+
+    edited = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    edited.loc[0, "install"] = "1" if edited.loc[0, "install"] == "0" else "0"
+    edited.to_csv(csv_path, index=False)
+
+    assert read_processed_twin(csv_path, ["install"]) is None
+    from_csv = read_processed(csv_path, cfg, require_target=True)
+    assert from_csv["install"].iloc[0] != from_twin["install"].iloc[0]
+    assert (from_csv["install"].iloc[1:].to_numpy() == from_twin["install"].iloc[1:].to_numpy()).all()
