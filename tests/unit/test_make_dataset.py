@@ -104,6 +104,15 @@ def _corrupt_cases() -> dict[str, tuple]:
             frame_with(id=(4, "0000" + "00000000")),
             ["column 'id'", "duplicated id", "'000000000000'", "expected unique ids"],
         ),
+        "duplicate ids of varying length": (
+            lambda p: write_raw(
+                small_raw_frame(300).assign(id=lambda f: [f"u{i}" for i in range(len(f))]).assign(
+                    id=lambda f: f["id"].where(f.index != 7, "u12")
+                ),
+                p,
+            ),
+            ["column 'id'", "duplicated id", "'u12'", "appears 2 times"],
+        ),
         "infinite count": (frame_with(startCount=(3, "inf")), ["column 'startCount' line 5"]),
         "negative count": (
             frame_with(clickCount=(8, -3)),

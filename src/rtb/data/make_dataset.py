@@ -128,7 +128,12 @@ def _warn_about_future(path: Path, name: str, stamps: pa.ChunkedArray) -> None:
 
 
 def _check_unique_ids(path: Path, name: str, ids: pa.ChunkedArray) -> None:
-    if len(pc.unique(ids)) == len(ids):  # unique() is about 2x faster than count_distinct()
+    hashes = _fixed_width_hashes(ids)
+    if hashes is not None:
+        hashes.sort()
+        if not (hashes[1:] == hashes[:-1]).any():
+            return  # distinct hashes prove distinct ids; a repeat (or a collision) is checked below
+    if len(pc.unique(ids)) == len(ids):
         return
     counts = pc.value_counts(ids)
     repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
@@ -138,6 +143,42 @@ def _check_unique_ids(path: Path, name: str, ids: pa.ChunkedArray) -> None:
             f"{path}: column {name!r}: {len(repeated)} duplicated id(s), e.g. {first!r} "
             f"appears {repeated[0]['counts'].as_py()} times (expected unique ids)"
         )
+
+
+_MIX_1, _MIX_2, _SHIFT = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
+
+
+def _fixed_width_hashes(ids: pa.ChunkedArray) -> np.ndarray | None:
+    """A 64-bit hash of every id when all ids have the same byte length (as log ids do), else None.
+
+    Each id's bytes are read straight from Arrow's buffer as 8-byte words and folded through
+    MurmurHash3's finaliser. Sorting 3.7M such hashes takes a third of the time of Arrow's
+    hash-table `unique()` on the strings, and most files have no repeated id at all.
+    """
+    lengths = pc.min_max(pc.binary_length(ids)).as_py()
+    width = lengths["min"]
+    if ids.null_count or width is None or width != lengths["max"] or not 0 < width <= 64:
+        return None
+    words = -(-width // 8)
+    out = []
+    for chunk in ids.chunks:
+        if not pa.types.is_string(chunk.type) or not len(chunk):
+            return None
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(-1, width)
+        if width % 8:
+            data = np.pad(data, ((0, 0), (0, words * 8 - width)))
+        packed = np.ascontiguousarray(data).view(np.uint64)
+        hashes = np.full(len(packed), width, dtype=np.uint64)
+        for word in range(words):
+            hashes ^= packed[:, word]
+            hashes ^= hashes >> _SHIFT
+            hashes *= _MIX_1
+            hashes ^= hashes >> _SHIFT
+            hashes *= _MIX_2
+            hashes ^= hashes >> _SHIFT
+        out.append(hashes)
+    return np.concatenate(out)
 
 
 def _checked_numbers(
