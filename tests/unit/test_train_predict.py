@@ -3,6 +3,7 @@ verified model, and a broken model file is refused with one line and nothing wri
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -209,3 +210,23 @@ def test_too_few_installs_to_calibrate_is_one_clear_line(trained, run_cli) -> No
     line = error_line(result.stderr)
     assert "column 'install'" in line and "need at least 5 of each class" in line
     assert sorted(trained.models_dir.glob("pipeline_*.pkl")) == models_before
+
+
+@pytest.mark.parametrize("candidate", ["logreg_target_encoded", "gbm_target_encoded"])
+def test_scoring_in_parallel_chunks_equals_scoring_at_once(trained, monkeypatch, candidate) -> None:
+    """`rtb predict` scores chunks on two threads; any race in the encoders' lazy indexes or
+    in the model would show up here as a differing probability."""
+    from rtb.data.preprocessing import read_processed
+    from rtb.dataset_config import load_dataset_config
+    from rtb.models import make_predicting
+    from rtb.models.pipeline import build_pipeline, feature_frame
+
+    cfg = load_dataset_config("rtb")
+    train = read_processed(trained.processed("train"), cfg, require_target=True)
+    pipeline = build_pipeline(candidate, cfg).fit(feature_frame(train, cfg), train["install"])
+    test = read_processed(trained.processed("test"), cfg, require_target=False)
+    at_once = pipeline.predict_proba(feature_frame(test, cfg))[:, 1]
+    monkeypatch.setattr(make_predicting, "CHUNK_ROWS", 7)
+    for _ in range(3):
+        fresh = pickle.loads(pickle.dumps(pipeline))  # no lazy index built yet, as after loading
+        np.testing.assert_allclose(make_predicting.predict(fresh, test, cfg), at_once, rtol=0, atol=1e-12)

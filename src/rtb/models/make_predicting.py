@@ -50,10 +50,14 @@ def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarra
         return start + len(chunk)
 
     try:
-        # Two chunks at a time: the encoders and the model spend their time in numpy and
-        # LightGBM kernels that release the GIL; each chunk writes its own slice.
+        # The first chunk alone: it builds the encoders' lazy hash indexes, which must not be
+        # built by two threads at once. Then two chunks at a time: the encoders and the model
+        # spend their time in numpy and LightGBM kernels that release the GIL; each chunk
+        # writes its own slice.
+        for start in starts[:1]:
+            progress.advance(f"scored rows {start + 1}-{score(start)} of {len(features)}")
         with ThreadPoolExecutor(max_workers=SCORING_THREADS, thread_name_prefix="score") as pool:
-            for start, end in zip(starts, pool.map(score, starts), strict=True):
+            for start, end in zip(starts[1:], pool.map(score, starts[1:]), strict=True):
                 progress.advance(f"scored rows {start + 1}-{end} of {len(features)}")
     except KeyError as exc:
         raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
