@@ -152,8 +152,11 @@ def write_processed_csv(table: pa.Table, out: Path) -> None:
         pcsv.write_csv(text, tmp)
     stat = out.stat()
     fingerprint = {TWIN_SIZE: str(stat.st_size).encode(), TWIN_MTIME: str(stat.st_mtime_ns).encode()}
+    # One dictionary per column across all chunks: pandas then skips unifying 75 of them on
+    # every read (0.6 -> 0.3 s at 3.7M rows).
+    twin = table.unify_dictionaries().replace_schema_metadata(fingerprint)
     with atomic_path(processed_twin(out), overwrite=True) as tmp:
-        feather.write_feather(table.replace_schema_metadata(fingerprint), tmp, compression="uncompressed")
+        feather.write_feather(twin, tmp, compression="uncompressed")
 
 
 def processed_twin(csv_path: Path) -> Path:
