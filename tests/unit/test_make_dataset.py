@@ -157,3 +157,15 @@ def test_unknown_split_is_rejected(raw_project, run_cli) -> None:
     result = run_cli("make-dataset", "--split", "validation", "--project-dir", str(raw_project.root))
     assert result.code == 1
     assert "expected 'train' or 'test'" in error_line(result.stderr)
+
+
+def test_timestamps_with_and_without_offset_in_one_file_are_both_utc(project, run_cli) -> None:
+    frame = small_raw_frame(300)
+    naive = frame["timestamp"].str.replace("+00:00", "", regex=False)
+    frame["timestamp"] = naive.where(frame.index % 2 == 0, frame["timestamp"])
+    write_raw(frame, project.raw_dir / "training_data.csv.gz")
+    result = run_cli("make-dataset", "--split", "train", "--project-dir", str(project.root))
+    assert result.code == 0, result.stderr
+    stamps = feather.read_table(project.interim("train")).column("timestamp").to_pandas()
+    expected = pd.to_datetime(small_raw_frame(300)["timestamp"], utc=True).dt.floor("ms")
+    assert (stamps == expected).all()

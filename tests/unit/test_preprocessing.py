@@ -85,3 +85,22 @@ def test_readers_use_the_arrow_twin_only_while_the_csv_is_untouched(raw_project)
     from_csv = read_processed(csv_path, cfg, require_target=True)
     assert from_csv["install"].iloc[0] != from_twin["install"].iloc[0]
     assert (from_csv["install"].iloc[1:].to_numpy() == from_twin["install"].iloc[1:].to_numpy()).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_twin_falls_back_to_the_csv(raw_project, damage) -> None:
+    cfg = load_dataset_config("rtb")
+    run_make_dataset(raw_project, "train", cfg)
+    csv_path = run_preprocess(raw_project, "train", cfg)
+    expected = read_processed(csv_path, cfg, require_target=True)
+    twin = processed_twin(csv_path)
+    if damage == "truncated":
+        twin.write_bytes(twin.read_bytes()[: twin.stat().st_size // 2])
+    elif damage == "garbage":
+        twin.write_bytes(b"\x00" * 4096)
+    else:
+        twin.unlink()
+
+    assert read_processed_twin(csv_path, ["install"]) is None
+    from_csv = read_processed(csv_path, cfg, require_target=True)
+    pd.testing.assert_frame_equal(from_csv, expected, check_categorical=False)

@@ -108,9 +108,29 @@ def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
         types[name] = pa.dictionary(pa.int32(), pa.string())
     for name in cfg.numerical:
         types[name] = pa.float32()
-    types.update(_timestamp_types(path, header, cfg))
+    stamp_types = _timestamp_types(path, header, cfg)
     if split == "train":
         types[cfg.target] = pa.float64()
+    try:
+        return _read_typed(path, cfg, columns, types | stamp_types)
+    except pa.ArrowInvalid as exc:
+        first_error = exc
+    if stamp_types:
+        # Perhaps only the timestamps disagree with the first rows (offsets on some rows, not
+        # on others): read them as text, `parse_timestamps` takes both kinds.
+        try:
+            table = _read_typed(path, cfg, columns, types)
+        except pa.ArrowInvalid:
+            pass
+        else:
+            log.info("%s: timestamps mix UTC offsets and naive values; parsed both as UTC", path.name)
+            return table
+    raise _explain_parse_error(path, cfg, columns, first_error) from first_error
+
+
+def _read_typed(
+    path: Path, cfg: DatasetConfig, columns: list[str], types: dict[str, pa.DataType]
+) -> pa.Table:
     convert = pcsv.ConvertOptions(
         column_types=types,
         include_columns=columns,
@@ -127,8 +147,6 @@ def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
             return pcsv.read_csv(
                 handle, read_options=read, parse_options=parse, convert_options=convert
             )
-    except pa.ArrowInvalid as exc:
-        raise _explain_parse_error(path, cfg, columns, exc) from exc
     except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
         raise RtbError(f"{path}: cannot decompress or read ({exc})") from exc
 
@@ -216,7 +234,7 @@ def parse_timestamps(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunk
 
         text = column.to_pandas()
         parsed = pd.to_datetime(text, utc=True, format="ISO8601")
-        return pa.chunked_array([pa.array(parsed, type=target)])
+        return pa.chunked_array([pc.cast(pa.array(parsed), target, safe=False)])
     raise error
 
 
