@@ -104,3 +104,15 @@ def test_a_damaged_twin_falls_back_to_the_csv(raw_project, damage) -> None:
     assert read_processed_twin(csv_path, ["install"]) is None
     from_csv = read_processed(csv_path, cfg, require_target=True)
     pd.testing.assert_frame_equal(from_csv, expected, check_categorical=False)
+
+
+def test_a_truncated_interim_file_is_one_clear_line(raw_project, run_cli) -> None:
+    cfg = load_dataset_config("rtb")
+    run_make_dataset(raw_project, "train", cfg)
+    interim = raw_project.interim("train")
+    interim.write_bytes(interim.read_bytes()[: interim.stat().st_size // 2])
+    result = run_cli("preprocess", "--split", "train", "--project-dir", str(raw_project.root))
+    assert result.code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rtb: error:")]
+    assert len(errors) == 1 and "train.arrow" in errors[0] and "make-dataset" in errors[0], result.stderr
+    assert not raw_project.processed("train").exists()
