@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 MISSING = "__missing__"
+DENSE_MAX_KEYS = 10_000_000  # float32 x 2 = 80 MB at most per group
 
 
 def as_text(values: pd.Series) -> pd.Series:
@@ -213,11 +214,37 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
         for position, (group, (levels, log_odds, log_counts)) in enumerate(
             zip(self._groups(), self.tables_, strict=True)
         ):
-            slot = self._level_index(position, levels).get_indexer(self._group_keys(codes, group))
+            key = self._group_keys(codes, group)
+            dense = self._dense_tables(position, group, prior_log_odds)
+            if dense is not None:  # two gathers, no hashing
+                out[:, 2 * position] = dense[0][key]
+                out[:, 2 * position + 1] = dense[1][key]
+                continue
+            slot = self._level_index(position, levels).get_indexer(key)
             found = slot >= 0
             out[:, 2 * position] = np.where(found, log_odds[slot], prior_log_odds)
             out[:, 2 * position + 1] = np.where(found, log_counts[slot], 0.0)
         return out
+
+    def _dense_tables(
+        self, position: int, group: tuple[str, ...], prior_log_odds: float
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Encodings laid out by key, when a group's key space is small enough (single ids and
+        most crosses): scoring becomes an array lookup instead of a hash probe. Built once per
+        fitted encoder, not pickled; None for key spaces above DENSE_MAX_KEYS."""
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        if position not in cache:
+            size = int(np.prod([self.radix_[name] for name in group], dtype=np.float64))
+            if size > DENSE_MAX_KEYS:
+                cache[position] = None
+            else:
+                levels, log_odds, log_counts = self.tables_[position]
+                odds_by_key = np.full(size, prior_log_odds, dtype=np.float32)
+                counts_by_key = np.zeros(size, dtype=np.float32)
+                odds_by_key[levels] = log_odds
+                counts_by_key[levels] = log_counts
+                cache[position] = (odds_by_key, counts_by_key)
+        return cache[position]
 
     def _level_index(self, position: int, levels: np.ndarray) -> pd.Index:
         """A hash index of a group's level keys, built once per fitted encoder (not pickled)."""
@@ -229,6 +256,7 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_level_index_cache", None)
+        state.pop("_dense_cache", None)
         return state
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
