@@ -4,7 +4,7 @@ Everything downstream trusts `data/interim/<split>.arrow`: ids are unique, times
 UTC, numbers are numbers, the target is 0/1 with both classes present, categoricals are
 dictionary-encoded strings. The raw file's sha256 is stored in the schema metadata so later
 stages can tell which input they came from. The interim file is uncompressed Arrow IPC
-(Feather v2) rather than Parquet: it is written and read back in a fraction of a
+(Feather v2) rather than Parquet: it is written and memory-mapped back in a fraction of a
 second (Parquet with lz4 took 1.7 s to write and 1.6 s to read at 3.7M rows), and it is a
 hand-over between two of our own stages, not a file users keep.
 """
@@ -262,12 +262,14 @@ def run_make_dataset(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Pat
 
 
 def read_interim(path: Path) -> pa.Table:
-    """The typed table `make_dataset` wrote, read into memory (not memory-mapped: a mapped file
-    cut short by hand under a running stage would kill it with SIGBUS instead of an error)."""
+    """The typed table `make_dataset` wrote, memory-mapped (no copy: 0.5-1.5 s less than reading
+    it at 3.7M rows). Our writers only ever replace the file by rename, which leaves a mapping
+    intact; only a file cut short in place *during* a run would end that attempt with SIGBUS,
+    and Airflow's retry then starts from a clean read."""
     if not path.exists():
         raise RtbError(f"{path}: file not found (run `rtb make-dataset` first)")
     try:
-        return feather.read_table(path, memory_map=False)
+        return feather.read_table(path, memory_map=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RtbError(f"{path}: not a readable Arrow IPC file ({str(exc).splitlines()[0]}); "
                        "run `rtb make-dataset` again") from exc
