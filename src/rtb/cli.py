@@ -119,10 +119,18 @@ def predict(
     ] = None,
 ) -> None:
     """Score data/processed/test_df.csv; write predictions_<version>.npy/.csv + sidecar."""
-    from rtb.dataset_config import load_dataset_config
-    from rtb.models.make_predicting import run_predicting
+    from concurrent.futures import ThreadPoolExecutor
 
-    run_predicting(_paths(project_dir), load_dataset_config(dataset_config), model_path=model)
+    from rtb.data.preprocessing import read_scoring_input
+    from rtb.dataset_config import load_dataset_config
+
+    paths, cfg = _paths(project_dir), load_dataset_config(dataset_config)
+    # The input is read in a thread while sklearn and the model load (both about a second).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
+        reading = reader.submit(read_scoring_input, paths.processed("test"), cfg)
+        from rtb.models.make_predicting import run_predicting
+
+        run_predicting(paths, cfg, model_path=model, reading=reading)
 
 
 @app.command("check-model")

@@ -5,6 +5,7 @@ twin must never stand in for a CSV that was edited after preprocessing."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,20 @@ def test_a_truncated_interim_file_is_one_clear_line(raw_project, run_cli) -> Non
     errors = [line for line in result.stderr.splitlines() if line.startswith("rtb: error:")]
     assert len(errors) == 1 and "train.arrow" in errors[0] and "make-dataset" in errors[0], result.stderr
     assert not raw_project.processed("train").exists()
+
+
+def test_no_twin_where_the_filesystem_does_not_keep_the_stamped_mtime(raw_project, monkeypatch) -> None:
+    """A filesystem that rounds mtimes cannot vouch for the twin, so none is published (an old
+    one is removed) and readers parse the CSV."""
+    cfg = load_dataset_config("rtb")
+    run_make_dataset(raw_project, "train", cfg)
+    csv_path = run_preprocess(raw_project, "train", cfg)
+    assert processed_twin(csv_path).is_file()
+    real_utime = os.utime
+    monkeypatch.setattr(os, "utime", lambda path, ns: real_utime(path, ns=(ns[0], ns[1] // 10**9 * 10**9)))
+
+    run_preprocess(raw_project, "train", cfg)
+
+    assert not processed_twin(csv_path).exists()
+    assert read_processed_twin(csv_path, ["install"]) is None
+    assert len(read_processed(csv_path, cfg, require_target=True)) == 600

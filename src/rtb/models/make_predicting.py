@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from rtb.config import ProjectPaths, claim_version
-from rtb.data.preprocessing import read_processed_for_scoring
+from rtb.data.preprocessing import ScoringInput, read_scoring_input
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
-from rtb.io_utils import atomic_path, sha256_file, write_yaml
+from rtb.io_utils import atomic_path, write_yaml
 from rtb.models import registry
 from rtb.models.batch_scoring import batch_scorer
 from rtb.models.pipeline import feature_frame
@@ -78,8 +78,17 @@ def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarra
     return probabilities
 
 
-def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None) -> Path:
-    """CLI stage: processed test CSV -> predictions_<version>.npy, .csv and .yaml sidecar."""
+def run_predicting(
+    paths: ProjectPaths,
+    cfg: DatasetConfig,
+    *,
+    model_path: Path | None,
+    reading: Future[ScoringInput] | None = None,
+) -> Path:
+    """CLI stage: processed test CSV -> predictions_<version>.npy, .csv and .yaml sidecar.
+
+    `reading` is the input already being read (see `rtb.cli.predict`); else it is read here.
+    """
     started = time.perf_counter()
     entry = registry.resolve_model(paths.models_dir, model_path)
     log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
@@ -87,10 +96,8 @@ def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path 
     if not hasattr(model, "predict_proba"):
         raise RtbError(f"{entry.path}: holds a {type(model).__name__}, not a model with predict_proba")
     source = paths.processed("test")
-    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the parse
-        input_sha = hasher.submit(sha256_file, source) if source.exists() else None
-        ids, frame = read_processed_for_scoring(source, cfg)
-        input_sha = input_sha.result() if input_sha else None
+    scoring_input = reading.result() if reading is not None else read_scoring_input(source, cfg)
+    ids, frame, input_sha = scoring_input.ids, scoring_input.frame, scoring_input.sha256 or None
     probabilities = predict(model, frame, cfg)
     version = claim_version(lambda v: (paths.predictions_dir / f"predictions_{v}.npy").exists())
     stem = paths.predictions_dir / f"predictions_{version}"
