@@ -16,8 +16,8 @@ from rtb.data.make_dataset import run_make_dataset
 from rtb.data.preprocessing import read_processed, run_preprocess
 from rtb.dataset_config import load_dataset_config
 from rtb.models import make_training
+from rtb.models.calibration import cross_fitted_platt, fit_platt
 from rtb.models.encoders import fit_vocabulary
-from rtb.models.make_training import cross_fitted_platt, fit_platt
 from rtb.models.pipeline import feature_frame
 
 

@@ -148,8 +148,8 @@ def write_processed_csv(table: pa.Table, out: Path) -> None:
     prediction read the twin only while the CSV still has exactly that mtime, i.e. has not been
     touched since: a memory-mapped read instead of a 2-3 s parse of ~600 MB. An edited CSV is
     read as CSV, so it stays the artifact that counts. Because the stamp is known up front, the
-    twin is written on a second thread while the CSV is (0.4 s of 4 at 3.7M rows); on a
-    filesystem that rounds mtimes the twin is not published at all.
+    twin is written on a second thread while the CSV is; on a filesystem that rounds mtimes
+    the twin is not published at all.
     """
     text = pa.table([_as_plain(column) for column in table.columns], names=table.column_names)
     stamp = time.time_ns() // 1000 * 1000 + secrets.randbelow(1000)

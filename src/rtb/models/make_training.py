@@ -3,7 +3,7 @@
 Validation is time-aware because RTB data drifts: each candidate is fitted on the earliest
 80% of rows and scored on the latest 20% (the holdout). Its Platt calibration is fitted on
 that holdout too, and the holdout metrics use cross-fitted calibration so they stay honest.
-One `cross_validate` call per candidate adds shuffled K-fold metrics (on a row sample when the
+One `cross_validate` call for the selected candidate adds shuffled K-fold metrics (on a row sample when the
 data is large: the folds only need enough rows for a stable estimate).
 The candidate with the best calibrated holdout log loss becomes this run's model: it is
 refitted on all rows, so the model that scores tomorrow has seen today (the latest 20% is the
@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import platform
-import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import FunctionType
 
 import joblib
 import numpy as np
@@ -40,6 +35,7 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
+from rtb.models.calibration import cross_fitted_platt, fit_platt
 from rtb.models.metrics import (
     base_rate_entropy,
     bootstrap_log_loss_uplift,
@@ -50,6 +46,7 @@ from rtb.models.metrics import (
 )
 from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, feature_frame
 from rtb.models.report_plots import write_report_plots
+from rtb.models.training_report import git_sha, library_versions, plain_params, segment_calibration
 from rtb.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -59,12 +56,10 @@ CV_MAX_ROWS = 300_000
 MAX_FIT_NEGATIVES = 300_000  # per candidate; selection is as good as with 600k, in half the time
 REFIT_MAX_NEGATIVES = 600_000  # the shipped model
 MIN_CLASS_ROWS = 5  # the holdout calibration is cross-fitted over 5 stratified folds
-SEGMENT_MAX_LEVELS = 12
 FIT_THREADS = 2
 SCORE_CHUNK_ROWS = 250_000
 # Relative fitting cost at 3.7M rows; the longest start first so that none runs alone at the end.
 FIT_COST_HINT = {"gbm_target_encoded": 3, BASELINE: 2, "logreg_target_encoded": 1}
-LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib")
 
 
 @dataclass
@@ -119,41 +114,6 @@ def time_holdout_split(stamps: pd.Series, share: float = HOLDOUT_SHARE) -> np.nd
         holdout = np.zeros(len(stamps), dtype=bool)
         holdout[order[int(len(stamps) * (1.0 - share)) :]] = True
     return holdout
-
-
-def fit_platt(log_odds: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Slope and intercept of a 1-D logistic regression on the model's log-odds.
-
-    Newton's method on the two parameters (with sklearn's C=1e4 ridge on the slope, so the
-    result is what `LogisticRegression(C=1e4)` converges to): a handful of vectorised passes
-    instead of a general solver's dozens, which had made calibration a tenth of training time.
-    Steps are capped so that a start far from the optimum cannot overshoot into overflow.
-    """
-    x = np.asarray(log_odds, dtype=np.float64)
-    target = np.asarray(y, dtype=np.float64)
-    ridge, params = 1e-4, np.array([1.0, 0.0])
-    for _ in range(50):
-        p = expit(params[0] * x + params[1])
-        residual, weight = p - target, p * (1.0 - p)
-        wx = weight * x
-        gradient = np.array([residual @ x + ridge * params[0], residual.sum()])
-        hessian = np.array([[wx @ x + ridge, wx.sum()], [wx.sum(), weight.sum() + 1e-12]])
-        step = np.linalg.solve(hessian, gradient)
-        step *= min(1.0, 2.0 / max(np.abs(step).max(), 1e-300))
-        params -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    return float(params[0]), float(params[1])
-
-
-def cross_fitted_platt(log_odds: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """Calibrated holdout probabilities where no row's calibration saw its own label."""
-    out = np.empty(len(y))
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    for fit_rows, score_rows in folds.split(log_odds.reshape(-1, 1), y):
-        slope, intercept = fit_platt(log_odds[fit_rows], y[fit_rows])
-        out[score_rows] = expit(slope * log_odds[score_rows] + intercept)
-    return out
 
 
 def _check_trainable(y: np.ndarray, holdout: np.ndarray, source: str, target: str) -> None:
@@ -277,30 +237,6 @@ def _cv_sample(n_rows: int, seed: int) -> np.ndarray:
         return np.arange(n_rows)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_rows, size=CV_MAX_ROWS, replace=False))
-
-
-def segment_calibration(
-    frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, cfg: DatasetConfig
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Calibration ratio per level of each low-cardinality categorical (platform, connection)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name in cfg.categorical:
-        codes, levels = pd.factorize(frame[name], sort=False)
-        if len(levels) > SEGMENT_MAX_LEVELS:
-            continue
-        rows_per_level = np.bincount(codes[codes >= 0], minlength=len(levels))
-        installs = np.bincount(codes[codes >= 0], weights=y[codes >= 0], minlength=len(levels))
-        predicted = np.bincount(codes[codes >= 0], weights=p[codes >= 0], minlength=len(levels))
-        out[name] = {}
-        for position in np.argsort(np.asarray(levels, dtype=str)):
-            rows, observed = int(rows_per_level[position]), installs[position] / rows_per_level[position]
-            out[name][str(levels[position])] = {
-                "rows": rows,
-                "observed_rate": float(observed),
-                "mean_predicted": float(predicted[position] / rows),
-                "calibration_ratio": float(predicted[position] / rows / observed) if observed else None,
-            }
-    return out
 
 
 def in_time_order(frame: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
@@ -436,53 +372,6 @@ def _negative_share(y: np.ndarray, rows: np.ndarray, max_negatives: int) -> floa
     return min(1.0, max_negatives / negatives) if negatives else 1.0
 
 
-def _library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _git_sha() -> str | None:
-    if os.environ.get("RTB_GIT_SHA"):
-        return os.environ["RTB_GIT_SHA"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _plain_params(pipeline: Pipeline) -> dict[str, object]:
-    """Model parameters that YAML can hold (estimator objects are named by their class)."""
-    return {
-        key: _plain(value)
-        for key, value in pipeline.get_params(deep=True).items()
-        if key not in ("steps", "memory", "verbose") and not key.endswith("__steps")
-    }
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, FunctionType):
-        return f"{value.__module__}.{value.__qualname__}"
-    return type(value).__name__
-
-
 def _compare_with_champion(
     paths: ProjectPaths,
     cfg: DatasetConfig,
@@ -577,9 +466,9 @@ def _report(
             "features": cfg.feature_columns,
         },
         "refit": result.refit,
-        "params": _plain_params(result.model),
+        "params": plain_params(result.model),
         "training_seconds": round(time.perf_counter() - started, 2),
-        "environment": {"libraries": _library_versions(), "git_sha": _git_sha()},
+        "environment": {"libraries": library_versions(), "git_sha": git_sha()},
         "artifacts": artifacts,
     }
 

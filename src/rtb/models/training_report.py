@@ -1,0 +1,91 @@
+"""Report sections that describe rather than decide: calibration per segment, parameters in a
+form YAML can hold, and the environment (library versions, git sha) a run came from."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import FunctionType
+
+import numpy as np
+import pandas as pd
+from sklearn.pipeline import Pipeline
+
+from rtb.dataset_config import DatasetConfig
+
+SEGMENT_MAX_LEVELS = 12
+LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib", "isal")
+
+
+def segment_calibration(
+    frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, cfg: DatasetConfig
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Calibration ratio per level of each low-cardinality categorical (platform, connection)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in cfg.categorical:
+        codes, levels = pd.factorize(frame[name], sort=False)
+        if len(levels) > SEGMENT_MAX_LEVELS:
+            continue
+        rows_per_level = np.bincount(codes[codes >= 0], minlength=len(levels))
+        installs = np.bincount(codes[codes >= 0], weights=y[codes >= 0], minlength=len(levels))
+        predicted = np.bincount(codes[codes >= 0], weights=p[codes >= 0], minlength=len(levels))
+        out[name] = {}
+        for position in np.argsort(np.asarray(levels, dtype=str)):
+            rows, observed = int(rows_per_level[position]), installs[position] / rows_per_level[position]
+            out[name][str(levels[position])] = {
+                "rows": rows,
+                "observed_rate": float(observed),
+                "mean_predicted": float(predicted[position] / rows),
+                "calibration_ratio": float(predicted[position] / rows / observed) if observed else None,
+            }
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_sha() -> str | None:
+    if os.environ.get("RTB_GIT_SHA"):
+        return os.environ["RTB_GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def plain_params(pipeline: Pipeline) -> dict[str, object]:
+    """Model parameters that YAML can hold (estimator objects are named by their class)."""
+    return {
+        key: _plain(value)
+        for key, value in pipeline.get_params(deep=True).items()
+        if key not in ("steps", "memory", "verbose") and not key.endswith("__steps")
+    }
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, FunctionType):
+        return f"{value.__module__}.{value.__qualname__}"
+    return type(value).__name__
