@@ -98,14 +98,15 @@ class LinearTargetEncodedScorer:
 
 def batch_scorer(pipeline: object, sample: pd.DataFrame) -> LinearTargetEncodedScorer | None:
     """The fast scorer if `pipeline` has the right shape and agrees with it on `sample`."""
-    if not isinstance(pipeline, Pipeline):
+    if not isinstance(pipeline, Pipeline) or _linear_target_encoded_parts(pipeline) is None:
         return None
+    expected = pipeline.predict_proba(sample)[:, 1]  # a KeyError here is the caller's to report
     try:
         scorer = LinearTargetEncodedScorer(pipeline)
+        fast = scorer.predict_positive(sample)
     except (ValueError, AttributeError, KeyError, IndexError, TypeError):
-        return None
-    expected = pipeline.predict_proba(sample)[:, 1]
-    if not np.allclose(scorer.predict_positive(sample), expected, rtol=0, atol=AGREEMENT):
+        return None  # an unexpected inner shape: the pipeline itself scores
+    if not np.allclose(fast, expected, rtol=0, atol=AGREEMENT):
         return None
     return scorer
 
