@@ -121,8 +121,11 @@ def _linear_target_encoded_parts(pipeline: Pipeline) -> tuple | None:
     model = getattr(calibrated, "estimator_", None)
     if not isinstance(model, LogisticRegression) or model.coef_.shape[0] != 1:
         return None
-    blocks = [(name, step, cols) for name, step, cols in features.transformers_ if name != "remainder"]
-    remainder = [step for name, step, _ in features.transformers_ if name == "remainder"]
+    fitted = getattr(features, "transformers_", None)
+    if fitted is None:
+        return None
+    blocks = [(name, step, cols) for name, step, cols in fitted if name != "remainder"]
+    remainder = [step for name, step, _ in fitted if name == "remainder"]
     if remainder and remainder[0] != "drop" or len(blocks) not in (1, 2):
         return None
     target = blocks[0][1]
