@@ -40,6 +40,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psutil
 
+from rtb.dataset_config import load_dataset_config
+from rtb.models.metrics import base_rate_entropy, probability_metrics
+from rtb.models.training_report import git_sha, library_versions
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -47,9 +51,9 @@ log = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REFERENCE_SCRIPT = BENCH_DIR / "reference.py"
-RAW_FILES = {"train": "training_data.csv.gz", "test": "test_data.csv.gz"}
+RTB = load_dataset_config("rtb")  # the schema of the generated raw files
+RAW_FILES = {"train": RTB.files["train"], "test": RTB.files["test"]}
 LABEL_SEED_OFFSET = 1_000_003  # labels use their own stream, never the generator's
-EPS = 1e-15
 TREE_FLAG_RATIO = 1.10
 # Stage keys in table order: (key, label).
 STAGES: list[tuple[str, str]] = [
@@ -279,8 +283,8 @@ def _check_same_rows(test_path: Path, test_df: pd.DataFrame, rows: int = 2000) -
     """
     import pandas as pd
 
-    head = pd.read_csv(test_path, sep=";", nrows=rows)
-    columns = [c for c in ("id", "campaignId", "startCount", "viewCount") if c in head.columns]
+    head = pd.read_csv(test_path, sep=RTB.separator, nrows=rows)
+    columns = [c for c in (RTB.id, "campaignId", "startCount", "viewCount") if c in head.columns]
     expected = test_df.head(rows)
     for column in columns:
         if not np.array_equal(
@@ -386,33 +390,27 @@ def load_our_predictions(predictions_dir: Path) -> tuple[np.ndarray, Path]:
 # Scoring
 
 
-def _entropy(rate: float) -> float:
-    rate = min(max(rate, EPS), 1 - EPS)
-    return float(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)))
+QUALITY_KEYS = ("roc_auc", "log_loss", "normalized_entropy", "calibration_ratio")
 
 
 def quality(y: np.ndarray, p: np.ndarray, ll_const: float, ll_true: float | None) -> dict:
-    """AUC, log loss, NE, calibration and share of achievable log-loss gain for one predictor."""
-    from sklearn.metrics import roc_auc_score
+    """The package's metrics for one predictor, plus its share of achievable log-loss gain.
 
+    Metrics come from `rtb.models.metrics`, as in our training reports, so both sides and the
+    yardsticks are scored exactly as the pipeline scores itself.
+    """
     p = np.asarray(p, dtype=float).ravel()
     if p.shape != y.shape:
         raise RuntimeError(f"{p.shape[0]} predictions for {y.shape[0]} test labels")
     if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
         raise RuntimeError("predictions must be finite probabilities in [0, 1]")
-    clipped = np.clip(p, EPS, 1 - EPS)
-    ll = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
-    auc = float(roc_auc_score(y, p)) if np.ptp(p) > 0 else 0.5
+    metrics = probability_metrics(y, p)
+    out: dict = {key: metrics[key] for key in QUALITY_KEYS}
     share = None
     if ll_true is not None and ll_const > ll_true:
-        share = (ll_const - ll) / (ll_const - ll_true)
-    return {
-        "roc_auc": auc,
-        "log_loss": ll,
-        "normalized_entropy": ll / ll_const,
-        "calibration_ratio": float(p.mean() / y.mean()),
-        "share_of_achievable_gain": share,
-    }
+        share = (ll_const - out["log_loss"]) / (ll_const - ll_true)
+    out["share_of_achievable_gain"] = share
+    return out
 
 
 def score_all(y: np.ndarray, p_true: np.ndarray | None, preds: dict[str, np.ndarray]) -> dict:
@@ -424,7 +422,7 @@ def score_all(y: np.ndarray, p_true: np.ndarray | None, preds: dict[str, np.ndar
     """
     y = np.asarray(y, dtype=float).ravel()
     base_rate = float(y.mean())
-    ll_const = _entropy(base_rate)
+    ll_const = base_rate_entropy(y)
     ll_true = None
     table: dict[str, dict] = {}
     if p_true is not None:
@@ -608,38 +606,38 @@ def _machine() -> dict:
 
 
 def _versions() -> dict[str, str]:
+    """The libraries our training reports list, plus the version of the package under test."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("numpy", "pandas", "scikit-learn", "lightgbm", "pyarrow", "rtb-pipeline"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "-"
+    out = library_versions()
+    try:
+        out["rtb-pipeline"] = version("rtb-pipeline")
+    except PackageNotFoundError:
+        out["rtb-pipeline"] = "not installed"
     return out
 
 
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip()
-
-
 def _code_state() -> str | None:
-    """HEAD plus whether src/ has uncommitted edits, read when our side starts.
+    """HEAD (as our training reports record it) plus whether src/ has uncommitted edits,
+    read when our side starts.
 
     The package is installed editable and others commit while a run takes twenty minutes, so
     the code our stages ran is the checkout at that moment, not at the benchmark's start.
     """
-    sha = _git("rev-parse", "--short", "HEAD")
+    sha = git_sha()
     if sha is None:
         return None
-    dirty = _git("status", "--porcelain", "--", "src")
-    return sha + (" + uncommitted changes in src/" if dirty else "")
+    try:
+        status = subprocess.run(
+            # ":/src": the repository's src/, whatever folder git runs in
+            ["git", "-C", str(BENCH_DIR), "status", "--porcelain", "--", ":/src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return sha[:7]
+    return sha[:7] + (" + uncommitted changes in src/" if status.stdout.strip() else "")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,7 +19,8 @@ Usage:
     python bench/load_test.py --url http://127.0.0.1:8000 --server-pid 1234
 
 Request rows come from the project's data/raw/test_data.csv.gz when it exists (realistic
-levels and gaps), else from `rtb.serving.samples.raw_rows`.
+levels and gaps), else from `raw_rows` of tests/support/raw_requests.py (test tooling, not
+part of the installed package).
 """
 
 from __future__ import annotations
@@ -42,9 +43,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from rtb.dataset_config import load_dataset_config
+
 log = logging.getLogger("bench.load_test")
 
-NUMERIC = ("startCount", "viewCount", "clickCount", "installCount", "startCount1d", "startCount7d")
+# The synthetic request rows are test tooling; they live with the tests, not in the package.
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
+
+CFG = load_dataset_config("rtb")
 DRAIN_SECONDS = 10.0
 
 
@@ -74,20 +80,22 @@ class PhaseResult:
 # --------------------------------------------------------------------------- requests
 def load_rows(project_dir: Path | None, limit: int) -> list[dict[str, object]]:
     """Raw rows as JSON-ready dicts: the project's test log if present, else synthetic."""
-    source = project_dir / "data" / "raw" / "test_data.csv.gz" if project_dir else None
+    source = project_dir / "data" / "raw" / CFG.files["test"] if project_dir else None
     if source is None or not source.exists():
-        from rtb.serving.samples import raw_rows
+        if str(TESTS_DIR) not in sys.path:
+            sys.path.insert(0, str(TESTS_DIR))
+        from support.raw_requests import raw_rows
 
-        log.info("request rows: %d synthetic rows (rtb.serving.samples)", limit)
+        log.info("request rows: %d synthetic rows (tests/support/raw_requests.py)", limit)
         return raw_rows(limit, seed=11, unseen=0.05)
     rows: list[dict[str, object]] = []
     with gzip.open(source, "rt", newline="") as handle:
-        for record in csv.DictReader(handle, delimiter=";"):
+        for record in csv.DictReader(handle, delimiter=CFG.separator):
             row: dict[str, object] = {}
             for key, value in record.items():
                 if value == "":
                     row[key] = None
-                elif key in NUMERIC:
+                elif key in CFG.numerical:
                     row[key] = float(value)
                 else:
                     row[key] = value

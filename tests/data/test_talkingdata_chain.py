@@ -9,19 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import TALKINGDATA_SAMPLE
 
 from rtb.models.metrics import probability_metrics
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "talkingdata_train_sample.csv"
 TEST_DAY = "2017-11-09"
 
 
 @pytest.fixture(scope="module")
 def talkingdata_labels(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """Split the sample by click_time: Nov 6-8 for training, Nov 9 (labels withheld) for test."""
-    if not SAMPLE.exists():
-        pytest.fail(f"{SAMPLE} is missing: the TalkingData sample ships in ../shared/data")
-    frame = pd.read_csv(SAMPLE)
+    if not TALKINGDATA_SAMPLE.exists():
+        pytest.fail(f"{TALKINGDATA_SAMPLE} is missing: the TalkingData sample ships with the tests")
+    frame = pd.read_csv(TALKINGDATA_SAMPLE)
     root = tmp_path_factory.mktemp("talkingdata") / "project"
     raw = root / "data" / "raw"
     raw.mkdir(parents=True)

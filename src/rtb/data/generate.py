@@ -7,13 +7,47 @@ appear in training, and mild drift. Because the install probability is *planted*
 function of the observed columns), tests can compare a model's log loss with the best
 achievable one instead of guessing what "good" means.
 
-Everything is vectorised with numpy, since per-row Python would take minutes at the
-benchmark's 3.7M + 3.7M rows. Rows are simulated and encoded in independent chunks on a small
-thread pool (numpy, Arrow kernels and zlib release the GIL). Fixed-width text (ids, timestamps)
-is assembled as byte matrices, categorical text is an Arrow `take` from a vocabulary, and one
-`binary_join_element_wise` call joins the fields into rows: about three times faster than a
-generic CSV writer. Each chunk becomes one gzip member; concatenated members are a valid gzip
-file that `gzip`, pandas and pyarrow all read as one stream.
+The schema (file names, separator, column names and roles) is the RTB dataset config's
+(`configs/rtb.yaml`), so the generator cannot drift from what the pipeline reads; only the
+column order of the files is the generator's own, checked against the config at import.
+
+Everything is vectorised with numpy, since per-row Python would take minutes at the sizes the
+benchmarks use. Rows are simulated and encoded in independent chunks on a small thread pool
+(numpy, Arrow kernels and zlib release the GIL). Fixed-width text (ids, timestamps) is
+assembled as byte matrices, categorical text is an Arrow `take` from a vocabulary, and Arrow's
+CSV writer turns the columns into rows (bench/README.md has the measurement behind that
+choice). Each chunk becomes one gzip member; concatenated members are a valid gzip file that
+`gzip`, pandas and pyarrow all read as one stream.
+
+`generate_stream` (`rtb generate --stream`) writes the same world as the partitioned log the
+product reads when it runs over time (layout: `rtb.partitions`):
+
+- one request partition `requests/date=D/hour=HH/` for each UTC hour of the `days` days
+  before `end` (exclusive; default the start of the current UTC hour, so the running hour has
+  none), holding the hour's requests without `install`;
+- one labelled partition `labelled/date=D/` for each day whose 24 hours are all in the stream
+  (a partial first or last day has request partitions only), holding exactly that day's
+  request rows, in the same order, plus `install` drawn from the planted probability the way
+  the training file's labels are;
+- each partition holds one `part-00000.csv.gz` (same header and format as the two files) and
+  the `_SUCCESS` marker, nothing else; the data file is renamed into place complete, and the
+  marker is created after it.
+
+Rows: `days * rows_per_day` in all, split over the hours by the generator's daily cycle and
+its busier weekends; row ids are unique over the whole stream. Stream days are mapped onto
+the world's days (the last 21 days onto its 14 train then 7 test days; a longer stream spreads
+evenly over the 21), so campaign effects follow the world's daily random walk, and in the test
+days the world's new campaigns appear, each from its launch day on (about 7% of traffic by the
+last day). Deterministic for a seed, `end`, `days` and `rows_per_day`: each hour draws from its
+own random stream.
+
+The one planted shift: on `shift_day` (default the third-last complete day) a campaign that
+is otherwise never served (the world's least popular new campaign) takes SHIFT_SHARE = 25% of
+that day's requests, in every hour, scaling all other campaigns down to 75%; its rows follow
+the same planted model (its own campaign effect). Against the earlier days a population
+stability index on campaignId (top 20 values plus "other", 1e-4 floor) is about 2 (14 days x
+20k rows), where regular days stay below 0.1 (the largest, ~0.06, is the world's first test
+day, when a tenth of the old campaigns end).
 """
 
 from __future__ import annotations
@@ -28,23 +62,31 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from rtb import partitions
+from rtb.dataset_config import DatasetConfig, load_dataset_config
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE = "training_data.csv.gz"
-TEST_FILE = "test_data.csv.gz"
-SEPARATOR = ";"
-TARGET = "install"
+SCHEMA: DatasetConfig = load_dataset_config("rtb")
+TRAIN_FILE = SCHEMA.files["train"]
+TEST_FILE = SCHEMA.files["test"]
+SEPARATOR = SCHEMA.separator
+TARGET = SCHEMA.target
+COUNT_COLUMNS = list(SCHEMA.numerical)  # all RTB numerical columns are integer counts
+# Column order of the written files: the order of the real logs, which groups the columns
+# differently from the config's roles (the config has no order of its own). The names are
+# checked against the config below, so a renamed or added column fails at import.
 COLUMNS = [
     "id",
     "timestamp",
@@ -62,17 +104,25 @@ COLUMNS = [
     "startCount7d",
     "connectionType",
     "deviceType",
-    TARGET,
+    "install",
 ]
-TEST_COLUMNS = COLUMNS[:-1]
-COUNT_COLUMNS = [
-    "startCount",
-    "viewCount",
-    "clickCount",
-    "installCount",
-    "startCount1d",
-    "startCount7d",
-]
+TEST_COLUMNS = [c for c in COLUMNS if c != TARGET]
+
+
+def _check_file_order(cfg: DatasetConfig, columns: list[str], test_columns: list[str]) -> None:
+    """The file order must be a permutation of the config's columns, id first, target last."""
+    for split, order in (("train", columns), ("test", test_columns)):
+        expected = cfg.raw_columns(split)
+        if sorted(order) != sorted(expected):
+            raise RtbError(
+                f"rtb.data.generate: {split} file columns {order} are not the columns "
+                f"{expected} of dataset config {cfg.source!r}"
+            )
+    if columns[0] != cfg.id or columns[-1] != cfg.target:
+        raise RtbError("rtb.data.generate: the files must start with the id and end with the target")
+
+
+_check_file_order(SCHEMA, COLUMNS, TEST_COLUMNS)
 
 BASE_RATE = 0.012
 TRAIN_START = np.datetime64("2019-01-01T00:00:00", "ms")
@@ -119,8 +169,9 @@ _ANDROID_VERSIONS = (
     "7.0.0 4.4 6.1 8.2 7.2 9.1 4.3.1 4.1 5.2"
 ).split()
 
-# Vocabulary sizes, chosen so that 3.7M + 3.7M rows show ~10k campaigns, ~41k source games
-# and ~34k device models, as the real logs do; smaller samples simply see fewer of them.
+# Vocabulary sizes, chosen so that a sample as large as the real logs shows about as many
+# distinct campaigns, source games and device models as they do; smaller samples simply see
+# fewer of them.
 _N_CAMPAIGNS_OLD = 9_400
 _N_CAMPAIGNS_NEW = 700
 _N_GAMES_OLD = 40_000
@@ -145,9 +196,10 @@ _CONNECTION_P = np.array([0.64, 0.355, 0.005])
 class _Categorical:
     """Inverse-CDF sampler over a fixed vocabulary, with a guide table for speed.
 
-    `np.searchsorted` over millions of random keys costs ~100 ns a row here; the guide table
-    answers most draws with two lookups and binary-searches only the few uniforms that fall
-    in a bucket holding a category boundary. The result is exactly the inverse CDF.
+    `np.searchsorted` over millions of random keys pays a cache-missing binary search per
+    row; the guide table answers most draws with two lookups and binary-searches only the few
+    uniforms that fall in a bucket holding a category boundary. The result is exactly the
+    inverse CDF.
     """
 
     def __init__(self, weights: np.ndarray) -> None:
@@ -199,7 +251,6 @@ class _World:
     country: _Categorical
     country_ios: np.ndarray
     devices: pa.StringArray  # one trailing null: a missing device
-    devices_eol: pa.StringArray  # the same ending in a newline (last field of a test row)
     device_eff: np.ndarray
     device_by_platform: tuple[np.ndarray, np.ndarray]
     device_train: tuple[_Categorical, _Categorical]
@@ -435,19 +486,16 @@ def _zipf_weights(n: int, exponent: float, offset: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _vocab(
-    values: list[str], *, with_missing: bool = False, missing: str | None = None, suffix: str = ""
-) -> pa.StringArray:
-    """A vocabulary as an Arrow array, optionally with a last entry (`missing`) for "no value"."""
-    entries: list[str | None] = [v + suffix for v in values]
+def _vocab(values: list[str], *, with_missing: bool = False) -> pa.StringArray:
+    """A vocabulary as an Arrow array, optionally with a last entry (null) for "no value"."""
+    entries: list[str | None] = list(values)
     if with_missing:
-        entries.append(missing)
+        entries.append(None)
     return pa.array(entries, pa.string())
 
 
 _PLATFORMS = pa.array(["android", "ios"], pa.string())
 _CONNECTIONS = pa.array(_CONNECTION_NAMES, pa.string())
-_INSTALL_EOL = pa.array(["0\n", "1\n"], pa.string())  # the last field of a train row
 _CONNECTION = _Categorical(_CONNECTION_P)
 
 
@@ -548,7 +596,6 @@ def _build_world(rng: np.random.Generator) -> _World:
         country=_Categorical(country_w),
         country_ios=country_ios,
         devices=_vocab(names, with_missing=True),
-        devices_eol=_vocab(names, with_missing=True, missing="\n", suffix="\n"),
         device_eff=device_eff,
         device_by_platform=device_by_platform,
         device_train=device_train,
@@ -688,11 +735,24 @@ def _draw_times(rng: np.random.Generator, n: int, *, test: bool) -> np.ndarray:
 
 
 def _simulate_rows(
-    world: _World, rng: np.random.Generator, ts_ms: np.ndarray, *, test: bool
+    world: _World,
+    rng: np.random.Generator,
+    ts_ms: np.ndarray,
+    *,
+    test: bool,
+    campaigns: _Categorical | None = None,
+    world_day: int | None = None,
 ) -> _Rows:
-    """Draw the rows at the given request times and their planted logit, all vectorised."""
+    """Draw the rows at the given request times and their planted logit, all vectorised.
+
+    The stream generator passes its own day's campaign sampler and the world day its rows
+    live on (its timestamps are not the world's); the two files use the split's defaults.
+    """
     n = len(ts_ms)
-    day = ((ts_ms - _TRAIN_START_MS) // _MS_PER_DAY).astype(np.int32)
+    if world_day is None:
+        day = ((ts_ms - _TRAIN_START_MS) // _MS_PER_DAY).astype(np.int32)
+    else:
+        day = np.full(n, world_day, dtype=np.int32)
     hour = (ts_ms // _MS_PER_HOUR) % 24
     # One uniform decides the (mutually exclusive) missing country, missing device, new user.
     u_missing = rng.random(n)
@@ -704,7 +764,9 @@ def _simulate_rows(
     country = world.country.draw(rng, n)
     country[u_missing < _COUNTRY_NAN] = world.n_countries
     platform = (rng.random(n) < world.country_ios[country]).astype(np.int8)
-    campaign = (world.campaign_test if test else world.campaign_train).draw(rng, n)
+    if campaigns is None:
+        campaigns = world.campaign_test if test else world.campaign_train
+    campaign = campaigns.draw(rng, n)
     games = world.game_test if test else world.game_train
     devices = world.device_test if test else world.device_train
     game = np.empty(n, dtype=np.int32)
@@ -907,44 +969,41 @@ def _row_ids(world: _World, ts_ms: np.ndarray, first_row: int) -> np.ndarray:
     return _hex_matrix(raw)
 
 
-def _int_text(values: np.ndarray) -> pa.StringArray:
-    return pc.cast(pa.array(values), pa.string())
+# No value contains the separator, a quote or a newline, so nothing needs quoting; "none"
+# also makes the writer fail rather than quote if one ever did. Nulls are written empty.
+_CSV_WRITE = pacsv.WriteOptions(
+    include_header=False, delimiter=SEPARATOR, quoting_style="none", batch_size=CHUNK_ROWS
+)
 
 
 def _render_csv(
     world: _World, rows: _Rows, first_row: int, install: np.ndarray | None
 ) -> pa.Buffer:
-    """One chunk's CSV text, without header, as a single buffer.
-
-    The last field of each row carries the newline (install for train, deviceType for
-    test), so that joining the fields with `;` yields the file text directly. No value
-    contains `;`, a quote or a newline, so nothing needs quoting; missing values are empty.
-    """
-    last_field = (
-        world.devices_eol.take(rows.device) if install is None else world.devices.take(rows.device)
-    )
-    fields = [
-        _fixed_strings(_row_ids(world, rows.ts_ms, first_row)),
-        _fixed_strings(_timestamps(rows.ts_ms)),
-        world.campaign_ids.take(rows.campaign),
-        _PLATFORMS.take(rows.platform),
-        world.versions.take(rows.version),
-        world.game_ids.take(rows.game),
-        world.countries.take(rows.country),
-        *(_int_text(x) for x in (rows.start, rows.view, rows.click, rows.installs)),
-        _fixed_strings(_timestamps(rows.last_ms), rows.has_last),
-        *(_int_text(x) for x in (rows.start1d, rows.start7d)),
-        _CONNECTIONS.take(rows.connection),
-        last_field,
-    ]
+    """One chunk's CSV text, without header, as a single buffer (columns in file order)."""
+    columns = {
+        SCHEMA.id: _fixed_strings(_row_ids(world, rows.ts_ms, first_row)),
+        SCHEMA.timestamp: _fixed_strings(_timestamps(rows.ts_ms)),
+        "campaignId": world.campaign_ids.take(rows.campaign),
+        "platform": _PLATFORMS.take(rows.platform),
+        "softwareVersion": world.versions.take(rows.version),
+        "sourceGameId": world.game_ids.take(rows.game),
+        "country": world.countries.take(rows.country),
+        "startCount": pa.array(rows.start),
+        "viewCount": pa.array(rows.view),
+        "clickCount": pa.array(rows.click),
+        "installCount": pa.array(rows.installs),
+        "lastStart": _fixed_strings(_timestamps(rows.last_ms), rows.has_last),
+        "startCount1d": pa.array(rows.start1d),
+        "startCount7d": pa.array(rows.start7d),
+        "connectionType": _CONNECTIONS.take(rows.connection),
+        "deviceType": world.devices.take(rows.device),
+    }
     if install is not None:
-        fields.append(_INSTALL_EOL.take(install))
-    joined = pc.binary_join_element_wise(
-        *fields, SEPARATOR, null_handling="replace", null_replacement=""
-    )
-    _, offsets_buffer, data = joined.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[joined.offset :][: len(joined) + 1]
-    return data.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        columns[TARGET] = pa.array(install)
+    order = TEST_COLUMNS if install is None else COLUMNS
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(pa.table({name: columns[name] for name in order}), sink, _CSV_WRITE)
+    return sink.getvalue()
 
 
 def _parse_csv(text: pa.Buffer, columns: list[str]) -> pa.Table:
@@ -958,3 +1017,385 @@ def _parse_csv(text: pa.Buffer, columns: list[str]) -> pa.Table:
             column_types=types, null_values=[""], strings_can_be_null=True
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioned stream
+
+STREAM_DAYS = 14
+STREAM_ROWS_PER_DAY = 20_000
+SHIFT_SHARE = 0.25  # share of the shift day's requests that go to the planted campaign
+PART_FILE = "part-00000" + partitions.DATA_SUFFIX
+_STREAM_HOUR_TIMES, _STREAM_HOUR_CHUNKS = 4, 5
+_WORLD_DAYS = TRAIN_DAYS + TEST_DAYS
+_MS_PER_SECOND = 1000
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What `generate_stream` wrote, and what it planted where."""
+
+    requests: list[Path]  # hour partitions, in time order
+    labelled: list[Path]  # day partitions, in time order
+    rows: int  # request rows in all
+    labelled_rows: int
+    installs: int  # labelled rows with install = 1
+    shift_day: date
+    shift_campaign: str
+    shift_rows: int  # requests of the planted campaign (all on the shift day)
+
+
+@dataclass(frozen=True)
+class _StreamDay:
+    """A calendar day of the stream: the world day it lives on and its campaign sampler."""
+
+    day: date
+    world_day: int
+    campaigns: _Categorical
+    labelled: bool  # all 24 hours are in the stream: the day gets a labelled partition
+
+
+@dataclass(frozen=True)
+class _StreamJob:
+    """One chunk of one hour partition (an hour is one chunk unless it exceeds CHUNK_ROWS)."""
+
+    hour: datetime
+    day: _StreamDay
+    chunk: int
+    last: bool  # the hour's last chunk: its partition can be closed after it
+    first_row: int  # stream-wide row counter of the chunk's first row (unique row ids)
+    ts_ms: np.ndarray
+
+
+@dataclass(frozen=True)
+class _StreamChunk:
+    """One chunk's gzip members: requests (no `install`) and, on labelled days, with labels."""
+
+    requests: bytes
+    labelled: bytes | None
+    installs: int
+    shift_rows: int
+
+
+def generate_stream(
+    raw_dir: Path,
+    *,
+    end: datetime | None = None,
+    days: int = STREAM_DAYS,
+    rows_per_day: int = STREAM_ROWS_PER_DAY,
+    shift_day: date | None = None,
+    seed: int = 7,
+) -> StreamSummary:
+    """Write the hour and day partitions of the `days` days before `end` into `raw_dir`.
+
+    `end` (exclusive, a UTC hour boundary) defaults to the current hour's start, so the hour
+    still running has no partition, as in production. See the module docstring for what the
+    stream holds. An existing partition is never overwritten: nothing is written then.
+    """
+    started = time.perf_counter()
+    for name, value in (("days", days), ("rows_per_day", rows_per_day)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise RtbError(f"{name}: expected a positive integer, got {value!r}")
+    if days * rows_per_day >= 2**32:
+        raise RtbError("days * rows_per_day: row ids support fewer than 2**32 rows in all")
+    end = partitions.floor_hour(datetime.now(UTC)) if end is None else partitions.utc_hour(end, name="end")
+    hours = partitions.hours_between(end - timedelta(days=days), end)
+    dates = sorted({hour.date() for hour in hours})
+    complete = [d for d in dates if sum(hour.date() == d for hour in hours) == 24]
+    if shift_day is None:
+        shift_day = complete[-3] if len(complete) >= 3 else (complete or dates)[0]
+    elif shift_day not in dates:
+        raise RtbError(
+            f"shift_day: expected a day of the stream ({dates[0]} to {dates[-1]}), got {shift_day}"
+        )
+
+    raw_dir = Path(raw_dir)
+    targets = [partitions.request_partition(raw_dir, h) for h in hours]
+    targets += [partitions.labelled_partition(raw_dir, d) for d in complete]
+    existing = [path for path in targets if path.exists()]
+    if existing:
+        raise RtbError(
+            f"{existing[0]}: partition already exists ({len(existing)} of the stream's "
+            f"{len(targets)} do); partitions are never overwritten, nothing was written"
+        )
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RtbError(f"{raw_dir}: cannot create output folder ({exc.strerror})") from exc
+    if not os.access(raw_dir, os.W_OK | os.X_OK):
+        raise RtbError(f"{raw_dir}: output folder is not writable")
+
+    plan = _make_plan(1, 1, seed)  # the world and intercept; the row counts are unused
+    stream_days, planted = _stream_days(plan.world, dates, set(complete), shift_day)
+    counts = _hour_counts(hours, days * rows_per_day)
+    writer = _PartitionWriter(raw_dir)
+    installs = shift_rows = 0
+    try:
+        with contextlib.closing(_run_stream_chunks(plan, hours, counts, stream_days, planted)) as chunks:
+            for job, chunk in chunks:
+                writer.write(job, chunk)
+                installs += chunk.installs
+                shift_rows += chunk.shift_rows
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
+    rows = int(counts.sum())
+    labelled_rows = int(sum(c for h, c in zip(hours, counts, strict=True) if h.date() in complete))
+    summary = StreamSummary(
+        requests=writer.requests,
+        labelled=writer.labelled,
+        rows=rows,
+        labelled_rows=labelled_rows,
+        installs=installs,
+        shift_day=shift_day,
+        shift_campaign=str(plan.world.campaign_ids[planted]),
+        shift_rows=shift_rows,
+    )
+    log.info(
+        "wrote %d request partitions (%d rows, %s to %s) and %d labelled partitions (%d rows, "
+        "install rate %.4f) to %s; shift on %s: campaign %s has %d requests; %.1f s",
+        len(summary.requests),
+        rows,
+        hours[0].isoformat(),
+        end.isoformat(),
+        len(summary.labelled),
+        labelled_rows,
+        installs / labelled_rows if labelled_rows else float("nan"),
+        raw_dir,
+        shift_day,
+        summary.shift_campaign,
+        shift_rows,
+        time.perf_counter() - started,
+    )
+    return summary
+
+
+def _stream_days(
+    world: _World, dates: list[date], complete: set[date], shift_day: date
+) -> tuple[dict[date, _StreamDay], int]:
+    """Map the stream's calendar days onto world days; build each day's campaign sampler.
+
+    The last 21 days of a stream are the world's 14 train then 7 test days (a longer stream
+    spreads its days evenly over the 21), so campaign effects follow the world's daily
+    random walk, and the test days bring the world's new campaigns, each from its launch day
+    (the creation time in its ObjectId) on. The planted campaign is the world's least popular
+    new campaign, taken out of regular traffic and given SHIFT_SHARE of the shift day.
+    """
+    n = len(dates)
+    n_old = _N_CAMPAIGNS_OLD
+    launched_s = np.array([int(text[:8], 16) for text in world.campaign_ids.slice(n_old).to_pylist()])
+    train_w = world.campaign_train.mass.copy()
+    test_w = world.campaign_test.mass.copy()
+    planted = n_old + int(np.argmin(test_w[n_old:]))
+    train_w[planted] = test_w[planted] = 0.0
+    samplers: dict[tuple[int, bool], _Categorical] = {}
+    out = {}
+    for index, day in enumerate(dates):
+        world_day = index + _WORLD_DAYS - n if n <= _WORLD_DAYS else index * _WORLD_DAYS // n
+        shift = day == shift_day
+        if (world_day, shift) not in samplers:
+            if world_day < TRAIN_DAYS:
+                weights = train_w.copy()
+            else:
+                weights = test_w.copy()
+                day_end_s = _TRAIN_START_MS // _MS_PER_SECOND + (world_day + 1) * 86_400
+                weights[n_old:][launched_s >= day_end_s] = 0.0
+            weights /= weights.sum()
+            if shift:
+                weights *= 1.0 - SHIFT_SHARE
+                weights[planted] = SHIFT_SHARE
+            samplers[world_day, shift] = _Categorical(weights)
+        out[day] = _StreamDay(day, world_day, samplers[world_day, shift], day in complete)
+    return out, planted
+
+
+def _hour_weights(hours: list[datetime]) -> np.ndarray:
+    """Relative request volume of each hour: the generator's daily cycle and busier weekends."""
+    hour_of_day = np.array([h.hour for h in hours])
+    weekend = np.array([h.weekday() >= 5 for h in hours])
+    return np.where(weekend, 1.15, 1.0) * (1.0 + 0.35 * np.cos(2 * np.pi * (hour_of_day - 20) / 24))
+
+
+def _hour_counts(hours: list[datetime], total: int) -> np.ndarray:
+    """Split `total` rows over the hours by volume, exactly (largest remainders round up)."""
+    weights = _hour_weights(hours)
+    share = weights / weights.sum() * total
+    counts = np.floor(share).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(share - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+def _hour_times(rng: np.random.Generator, n: int, start_ms: int) -> np.ndarray:
+    """Sorted request times within one hour, with the same second or two of collector jitter."""
+    gaps = rng.standard_exponential(n + 1)
+    u = np.cumsum(gaps)[:-1] / gaps.sum()
+    ts = start_ms + np.minimum(u * _MS_PER_HOUR, _MS_PER_HOUR - 1).astype(np.int64)
+    ts += rng.normal(0.0, 1500.0, n).astype(np.int64)
+    return np.clip(ts, start_ms, start_ms + _MS_PER_HOUR - 1)
+
+
+def _stream_jobs(
+    plan: _Plan, hours: list[datetime], counts: np.ndarray, days: dict[date, _StreamDay]
+) -> Iterator[_StreamJob]:
+    """The chunks of every hour in time order; each hour's times come from its own stream."""
+    first_row = 0
+    for hour, n_rows in zip(hours, counts.tolist(), strict=True):
+        start_ms = int(hour.timestamp()) * _MS_PER_SECOND
+        ts_ms = _hour_times(_rng(plan.seed, _STREAM_HOUR_TIMES, start_ms // _MS_PER_HOUR), n_rows, start_ms)
+        bounds = list(range(0, n_rows, CHUNK_ROWS)) or [0]
+        for chunk, lo in enumerate(bounds):
+            hi = min(lo + CHUNK_ROWS, n_rows)
+            last = chunk == len(bounds) - 1
+            yield _StreamJob(hour, days[hour.date()], chunk, last, first_row + lo, ts_ms[lo:hi])
+        first_row += n_rows
+
+
+def _run_stream_chunks(
+    plan: _Plan,
+    hours: list[datetime],
+    counts: np.ndarray,
+    days: dict[date, _StreamDay],
+    planted: int,
+) -> Iterator[tuple[_StreamJob, _StreamChunk]]:
+    """Encode the stream's chunks on the thread pool, yielding them in order (bounded memory)."""
+    with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="rtb-generate") as pool:
+        pending: deque[tuple[_StreamJob, Future[_StreamChunk]]] = deque()
+        try:
+            for job in _stream_jobs(plan, hours, counts, days):
+                pending.append((job, pool.submit(_encode_stream_chunk, plan, job, planted)))
+                if len(pending) >= _MAX_PENDING:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _encode_stream_chunk(plan: _Plan, job: _StreamJob, planted: int) -> _StreamChunk:
+    """Simulate one chunk, label it as the train file is labelled, render both gzip members."""
+    n = len(job.ts_ms)
+    hour_key = int(job.hour.timestamp()) // 3600
+    header_labelled = SEPARATOR.join(COLUMNS) + "\n" if job.chunk == 0 and job.hour.hour == 0 else ""
+    header = SEPARATOR.join(TEST_COLUMNS) + "\n" if job.chunk == 0 else ""
+    installs = shift_rows = 0
+    text = b""
+    if n:
+        rng = _rng(plan.seed, _STREAM_HOUR_CHUNKS, hour_key, job.chunk)
+        world_day = job.day.world_day
+        rows = _simulate_rows(
+            plan.world,
+            rng,
+            job.ts_ms,
+            test=world_day >= TRAIN_DAYS,
+            campaigns=job.day.campaigns,
+            world_day=world_day,
+        )
+        p_true = _sigmoid(rows.logit + plan.intercept)
+        install = (rng.random(n) < p_true).astype(np.int8)
+        installs, shift_rows = int(install.sum()), int((rows.campaign == planted).sum())
+        text = _render_csv(plan.world, rows, job.first_row, install)
+    labelled = _gzip_member(header_labelled, text) if job.day.labelled else None
+    return _StreamChunk(_gzip_member(header, _drop_last_field(text)), labelled, installs, shift_rows)
+
+
+def _gzip_member(header: str, text: bytes | pa.Buffer) -> bytes:
+    member = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    return member.compress(header.encode()) + member.compress(text) + member.flush()
+
+
+def _drop_last_field(text: bytes | pa.Buffer) -> bytes:
+    """The CSV text without its last field (`;0` or `;1`, the label) on every line.
+
+    Cutting two bytes before each newline is exact because the label is always one digit,
+    and it guarantees that request and labelled rows agree on every other field.
+    """
+    data = np.frombuffer(text, dtype=np.uint8)
+    if not data.size:
+        return b""
+    newlines = np.flatnonzero(data == ord("\n"))
+    if not (data[newlines - 2] == ord(SEPARATOR)).all():
+        raise AssertionError("rtb.data.generate: the label is not a single trailing digit")
+    keep = np.ones(data.size, dtype=bool)
+    keep[newlines - 1] = False
+    keep[newlines - 2] = False
+    return data[keep].tobytes()
+
+
+class _PartitionWriter:
+    """Writes chunks into their partitions; a partition's `_SUCCESS` comes after its file.
+
+    The data file is written under a temporary name in the partition folder and renamed once
+    complete (`atomic_path`), then the marker is created: a reader that sees `_SUCCESS` sees the
+    whole partition. An hour is closed after its last chunk, a labelled day after its hour 23.
+    """
+
+    def __init__(self, raw_dir: Path) -> None:
+        self.raw_dir = raw_dir
+        self.requests: list[Path] = []
+        self.labelled: list[Path] = []
+        self._hour: tuple[contextlib.ExitStack, Path, BinaryIO] | None = None
+        self._day: tuple[contextlib.ExitStack, Path, BinaryIO] | None = None
+
+    def write(self, job: _StreamJob, chunk: _StreamChunk) -> None:
+        if job.chunk == 0:
+            self._hour = self._open(partitions.request_partition(self.raw_dir, job.hour))
+        assert self._hour is not None
+        self._hour[2].write(chunk.requests)
+        if chunk.labelled is not None:
+            if job.chunk == 0 and job.hour.hour == 0:
+                self._day = self._open(partitions.labelled_partition(self.raw_dir, job.day.day))
+            assert self._day is not None
+            self._day[2].write(chunk.labelled)
+        if job.last:
+            self.requests.append(self._close(self._hour))
+            self._hour = None
+            if chunk.labelled is not None and job.hour.hour == 23:
+                assert self._day is not None
+                self.labelled.append(self._close(self._day))
+                self._day = None
+
+    def abort(self, exc: BaseException) -> None:
+        """Drop the open partitions' temporary files: no file, no marker."""
+        for opened in (self._hour, self._day):
+            if opened is not None:
+                opened[0].__exit__(type(exc), exc, exc.__traceback__)
+        self._hour = self._day = None
+
+    @staticmethod
+    def _open(partition: Path) -> tuple[contextlib.ExitStack, Path, BinaryIO]:
+        stack = contextlib.ExitStack()
+        try:
+            tmp = stack.enter_context(atomic_path(partition / PART_FILE, overwrite=False))
+            handle = stack.enter_context(open(tmp, "wb"))
+        except BaseException:
+            stack.close()
+            raise
+        return stack, partition, handle
+
+    @staticmethod
+    def _close(opened: tuple[contextlib.ExitStack, Path, BinaryIO]) -> Path:
+        stack, partition, _ = opened
+        stack.close()  # closes the file, fsyncs it, renames it into place
+        marker = partition / partitions.SUCCESS
+        try:
+            # Empty, as Hadoop writes it: nothing to half-write, so no temporary name needed;
+            # exclusive creation, then the folder's fsync makes it durable after the data.
+            with open(marker, "xb"):
+                pass
+            _fsync_folder(partition)
+        except OSError as exc:
+            raise RtbError(f"{marker}: cannot write the marker ({exc.strerror or exc})") from exc
+        return partition
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a new name in `folder` durable (the marker must not survive a crash the data lost)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,6 +1,6 @@
 """In-process single-row latency of the compiled scorer, per candidate model type.
 
-Usage: `python -m rtb.serving.latency --project-dir DIR [--rows 100000] [--repeats 5]`
+Usage, from the repository root: `python bench/latency.py --project-dir DIR [--rows 100000] [--repeats 5]`
 
 Why a script and not a test: timings on a shared two-core machine are noise-prone, so they
 are printed as figures (STYLE.md), never asserted. Each candidate in
@@ -25,11 +25,12 @@ import numpy as np
 from rtb.config import ProjectPaths, default_project_dir
 from rtb.data.preprocessing import read_processed
 from rtb.dataset_config import load_dataset_config
-from rtb.models.pipeline import CANDIDATES, build_pipeline, feature_frame
-from rtb.serving.compiled import compile_pipeline
+from rtb.features import feature_frame
+from rtb.models.pipeline import CANDIDATES, build_pipeline
+from rtb.scoring.compiled import compile_pipeline
 from rtb.serving.scorer import PipelineScorer
 
-log = logging.getLogger("rtb.serving.latency")
+log = logging.getLogger("bench.latency")
 
 
 def raw_test_rows(paths: ProjectPaths, limit: int) -> list[dict[str, object]]:
