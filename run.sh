@@ -132,97 +132,11 @@ EOF
 }
 
 # Unpause the DAG, trigger a run through the REST API v2 and print each task's state until the
-# run ends. Runs in the api-server container, so the host needs neither curl nor python.
+# run ends. airflow/rest_client.py (stdlib only; also the system tests' client) runs with the
+# python in the api-server container, fed on stdin, so the host needs neither curl nor python.
 run_dag() {
     compose exec -T airflow-apiserver python - "$1" "$(setting AIRFLOW_PORT 8080)" \
-        "${RTB_RUN_TIMEOUT:-7200}" << 'PY'
-import json
-import os
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-
-dag_id, host_port, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-BASE = "http://localhost:8080"
-
-
-def call(method, path, body=None, token=None):
-    request = urllib.request.Request(
-        BASE + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
-def out(message):
-    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
-user = os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")[0].split(":")[0]
-with open(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]) as f:
-    password = json.load(f)[user]
-token = call("POST", "/auth/token", {"username": user, "password": password})["access_token"]
-
-deadline = time.monotonic() + 120
-while True:  # right after start-up the dag-processor may not have parsed the file yet
-    try:
-        call("GET", f"/api/v2/dags/{dag_id}", token=token)
-        break
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404 or time.monotonic() > deadline:
-            sys.exit(f"run.sh: error: DAG {dag_id} not found ({exc.code}); see Import errors in the UI")
-        time.sleep(3)
-
-call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
-run = call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None}, token=token)
-run_id = run["dag_run_id"]
-quoted = urllib.parse.quote(run_id, safe="")
-out(f"{dag_id}: triggered run {run_id} (the DAG is now unpaused, so its schedule is on)")
-out(f"follow it at http://localhost:{host_port}/dags/{dag_id}/runs/{quoted}")
-
-seen = {}
-deadline = time.monotonic() + timeout
-while True:
-    tis = call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances", token=token)
-    for ti in sorted(tis["task_instances"], key=lambda t: t.get("start_date") or "~"):
-        state = (ti["state"], ti["try_number"])
-        if seen.get(ti["task_id"]) != state:
-            seen[ti["task_id"]] = state
-            out(f"  {ti['task_id']:<14} {ti['state'] or 'no status yet'} (try {ti['try_number']})")
-    state = call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", token=token)["state"]
-    if state in ("success", "failed"):
-        break
-    if time.monotonic() > deadline:
-        sys.exit(f"run.sh: error: {dag_id} run {run_id} still {state} after {timeout:.0f} s")
-    time.sleep(3)
-
-out(f"{dag_id}: run {run_id} {state}")
-if state != "success":
-    for ti in tis["task_instances"]:
-        if ti["state"] != "failed":
-            continue
-        path = (
-            f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{ti['task_id']}"
-            f"/logs/{ti['try_number']}"
-        )
-        try:
-            lines = [str(c.get("event", c)) if isinstance(c, dict) else str(c)
-                     for c in call("GET", path, token=token).get("content", [])]
-        except urllib.error.HTTPError:
-            lines = []
-        errors = [line for line in lines if "rtb: error:" in line or "Traceback" in line]
-        out(f"  {ti['task_id']} failed; from its log:")
-        for line in (errors or lines[-10:]):
-            print(f"    {line}", flush=True)
-    sys.exit(1)
-PY
+        "${RTB_RUN_TIMEOUT:-7200}" < airflow/rest_client.py
 }
 
 command=${1:-up}

@@ -13,19 +13,17 @@ that is an error.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import pytest
 
@@ -72,108 +70,32 @@ def _copy_repo(dest: Path) -> None:
         shutil.copy2(src, target)
 
 
-class AirflowApi:
-    """A small REST API v2 client (stdlib only), logged in as the stack's airflow user."""
+def _load_rest_client() -> ModuleType:
+    """airflow/rest_client.py, the client run.sh also uses. Loaded from its file: it is no
+    package (run.sh feeds it to the api-server's python on stdin), and `airflow` is taken."""
+    path = REPO / "airflow" / "rest_client.py"
+    spec = importlib.util.spec_from_file_location("rtb_airflow_rest_client", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, base_url: str, username: str = "airflow", password: str = "airflow"):
-        self.base_url = base_url.rstrip("/")
-        self.username = username
-        self.password = password
-        self._token: str | None = None
 
-    def _send(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
-        request = urllib.request.Request(
-            self.base_url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.load(response)
+rest_client = _load_rest_client()
 
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            answer = self._send("POST", "/auth/token", {"username": self.username, "password": self.password})
-            self._token = answer["access_token"]
-        return self._token
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        try:
-            return self._send(method, path, body, self.token)
-        except urllib.error.HTTPError as exc:
-            if exc.code != 401:
-                raise
-            self._token = None  # expired: log in again once
-            return self._send(method, path, body, self.token)
+class AirflowApi(rest_client.AirflowClient):
+    """The REST API v2 client, logged in as the stack's airflow user, with the suite's timeouts."""
 
-    @staticmethod
-    def quote(run_id: str) -> str:
-        return urllib.parse.quote(run_id, safe="")
-
-    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
-        """A new stack's dag-processor needs a few seconds to parse the files."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.request("GET", f"/api/v2/dags/{dag_id}")
-            except urllib.error.HTTPError as exc:
-                if exc.code != 404 or time.monotonic() > deadline:
-                    raise
-            time.sleep(3)
-
-    def trigger(self, dag_id: str) -> str:
-        """Unpause (queued runs of a paused DAG never start) and trigger a run; its id."""
-        self.wait_for_dag(dag_id)
-        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})
-        return run["dag_run_id"]
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}")["state"]
-
-    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
-        answer = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances")
-        return {ti["task_id"]: ti for ti in answer["task_instances"]}
+    def __init__(self, base_url: str, username: str = "airflow", password: str = "airflow") -> None:
+        super().__init__(base_url, username, password, request_timeout=60)
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.run_state(dag_id, run_id)
-            if state in ("success", "failed"):
-                return state
-            if time.monotonic() > deadline:
-                states = {t: ti["state"] for t, ti in self.task_instances(dag_id, run_id).items()}
-                raise TimeoutError(f"{dag_id} {run_id} still {state} after {timeout} s: {states}")
-            time.sleep(3)
+        return super().wait_for_run(dag_id, run_id, timeout)
 
     def wait_until_idle(self, dag_id: str, timeout: float = RUN_TIMEOUT) -> None:
-        """Until no run of the DAG is queued or running (e.g. one its schedule added)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            runs = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
-            active = [r["dag_run_id"] for r in runs if r["state"] in ("queued", "running")]
-            if not active:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{dag_id}: runs still active after {timeout} s: {active}")
-            time.sleep(3)
-
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
-        """The task's log as text, one line per log event."""
-        answer = self.request(
-            "GET",
-            f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances/{task_id}/logs/{try_number}",
-        )
-        lines = []
-        for item in answer["content"]:
-            if isinstance(item, dict):
-                lines.append(str(item.get("event", item)))
-            else:  # older shape: [host, text]
-                lines.append(str(item[-1]) if isinstance(item, list) else str(item))
-        return "\n".join(lines)
+        super().wait_until_idle(dag_id, timeout)
 
 
 @dataclass
