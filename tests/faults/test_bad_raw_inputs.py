@@ -2,14 +2,14 @@
 the file, and the previous interim table stays byte-identical (no temp file left). Odd but valid
 logs (unicode ids, CRLF line endings, timestamps in the future) succeed.
 
-The fuzz part is seeded (reproducible) and capped in count and time; it uses no extra library.
+The fuzz part is seeded and runs a fixed number of cases per kind, so every machine tries the
+same inputs (none is dropped on a slow one); it uses no extra library.
 """
 
 from __future__ import annotations
 
 import gzip
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,8 +176,7 @@ def test_timestamps_in_the_future_are_logged_as_a_warning(trained, run_cli) -> N
 # Fuzz: seeded random files of four kinds, and mutations of a valid log
 
 FUZZ_SEED = 20240611
-FUZZ_PER_KIND = 30
-FUZZ_SECONDS = 25  # a cap on the loop, not an assertion
+FUZZ_PER_KIND = 30  # cases of each kind: a count, not a time budget, so coverage is fixed
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:
@@ -212,7 +211,6 @@ def test_fuzzed_raw_files_fail_cleanly_or_are_read_whole(trained, run_cli, tmp_p
     before = sha256_file(paths.interim("train"))
     raw = paths.raw_dir / RAW
     tried = {kind: 0 for kind in kinds}
-    started = time.monotonic()
     for i in range(FUZZ_PER_KIND):
         for kind, build in kinds.items():
             data = build()
@@ -229,6 +227,5 @@ def test_fuzzed_raw_files_fail_cleanly_or_are_read_whole(trained, run_cli, tmp_p
                 keep.write_bytes(data)
                 raise AssertionError(f"{kind} #{i} (input kept in {keep}): {exc!r}") from exc
             tried[kind] += 1
-        if time.monotonic() - started > FUZZ_SECONDS:
-            break
     assert all(tried.values()), tried
+    assert tried == dict.fromkeys(kinds, FUZZ_PER_KIND), tried
