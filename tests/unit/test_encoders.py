@@ -37,3 +37,26 @@ def test_dense_and_hashed_lookups_agree(monkeypatch) -> None:
     assert unseen.any()
     prior = np.float32(np.log(encoder.prior_ / (1 - encoder.prior_)))
     assert (dense[unseen, 0] == prior).all() and (dense[unseen, 1] == 0).all()
+
+
+def test_encoding_tables_reproduce_transform() -> None:
+    """What scorers outside sklearn read (`encoding_tables`, keys from `level_codes` and
+    `group_keys`) must be the encoder's own numbers, seen and unseen levels alike."""
+    train, test = _frame(20_000, 0, 300), _frame(5_000, 1, 400)
+    y = (np.random.default_rng(2).random(len(train)) < 0.05).astype(int)
+    encoder = SmoothedTargetEncoder(crosses=(("campaign", "country"),)).fit(train, y)
+    encoded = encoder.transform(test)
+    codes = encoder.level_codes(test)
+    tables = encoder.encoding_tables()
+    assert [t.columns for t in tables] == encoder.groups()
+    for position, table in enumerate(tables):
+        keys = encoder.group_keys(codes, table.columns)
+        assert keys.tolist() == encoders.mixed_radix_key(
+            [codes[c] for c in table.columns], table.radixes).tolist()
+        slot = np.searchsorted(table.keys, keys)
+        found = (slot < len(table.keys)) & (table.keys[np.minimum(slot, len(table.keys) - 1)] == keys)
+        slot = np.minimum(slot, len(table.keys) - 1)
+        odds = np.where(found, table.log_odds[slot], table.unseen[0]).astype(np.float32)
+        counts = np.where(found, table.log_counts[slot], table.unseen[1]).astype(np.float32)
+        np.testing.assert_array_equal(encoded[:, 2 * position], odds)
+        np.testing.assert_array_equal(encoded[:, 2 * position + 1], counts)

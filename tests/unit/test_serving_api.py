@@ -19,16 +19,15 @@ import joblib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from support.raw_requests import raw_rows
 
 from rtb.config import ProjectPaths
-from rtb.data.preprocessing import derive_features
 from rtb.dataset_config import load_dataset_config
+from rtb.features import feature_frame, rows_frame
 from rtb.io_utils import sha256_file, write_yaml
 from rtb.models import registry
-from rtb.models.pipeline import build_pipeline, feature_frame
+from rtb.models.pipeline import build_pipeline
 from rtb.serving.app import create_app
-from rtb.serving.samples import raw_rows
-from rtb.serving.scorer import records_to_frame
 from rtb.serving.service import ScoringService
 
 CFG = load_dataset_config("rtb")
@@ -55,7 +54,7 @@ ROW = {
 
 def fit(name: str, seed: int):
     rows = raw_rows(1500, seed=seed)
-    frame = derive_features(records_to_frame(rows, CFG), CFG)
+    frame = rows_frame(rows, CFG)
     rng = np.random.default_rng(seed)
     z = -2.5 + 0.05 * np.nan_to_num(frame["viewCount"].to_numpy(dtype=float))
     y = (rng.random(len(z)) < 1 / (1 + np.exp(-z))).astype(int)
@@ -79,7 +78,7 @@ def publish(paths: ProjectPaths, pipeline, version: str, name: str) -> registry.
         "artifacts": {"model": model_path.name, "model_sha256": sha},
     })
     entry = registry.ModelEntry(model_path, version, sha, 0.2)
-    registry.promote(paths.models_dir, entry, registry.current_champion(paths.models_dir)
+    registry.promote(paths, entry, registry.current_champion(paths)
                      if paths.champion_pointer.exists() else None)
     return entry
 
@@ -106,7 +105,7 @@ def client(paths: ProjectPaths):
 
 
 def expected(pipeline, rows: list[dict]) -> list[float]:
-    processed = derive_features(records_to_frame(rows, CFG), CFG)
+    processed = rows_frame(rows, CFG)
     return pipeline.predict_proba(feature_frame(processed, CFG))[:, 1].tolist()
 
 

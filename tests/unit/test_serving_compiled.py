@@ -5,7 +5,7 @@ parameters, crosses or steps in `rtb.models.pipeline` is caught here), fitted on
 thousand synthetic rows, and given a non-trivial Platt step. The scored rows carry unseen
 levels, None and absent keys, ints for text fields, negative counts, several UTC offsets and
 missing or future `lastStart`. The reference is the pipeline on the pandas path:
-`pipeline.predict_proba(feature_frame(derive_features(raw_frame)))`.
+`pipeline.predict_proba(rows_frame(rows, cfg))`.
 """
 
 from __future__ import annotations
@@ -21,41 +21,23 @@ from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import (
-    FunctionTransformer,
-    QuantileTransformer,
-    SplineTransformer,
-    StandardScaler,
-)
+from sklearn.preprocessing import QuantileTransformer
+from support.raw_requests import raw_rows
 
-from rtb.data.preprocessing import derive_features
 from rtb.dataset_config import load_dataset_config
-from rtb.models.encoders import SmoothedTargetEncoder
-from rtb.models.pipeline import (
-    CANDIDATES,
-    LogitRecalibrated,
-    _log1p_nonnegative,
-    build_pipeline,
-    feature_frame,
-)
-from rtb.serving import lgbm_trees
-from rtb.serving.compiled import compile_pipeline
-from rtb.serving.errors import NotCompilable
-from rtb.serving.samples import raw_rows
-from rtb.serving.scorer import build_scorer, records_to_frame
+from rtb.features import rows_frame
+from rtb.models.pipeline import CANDIDATES, LogitRecalibrated, build_pipeline
+from rtb.scoring import lgbm_trees
+from rtb.scoring.compiled import compile_pipeline
+from rtb.scoring.errors import NotTabulable
+from rtb.serving.scorer import build_scorer
 
 CFG = load_dataset_config("rtb")
 TOLERANCE = 1e-9
 
 
-def reference_frame(rows: list[dict]) -> pd.DataFrame:
-    """Raw rows as a frame of object columns, i.e. text as the CSV reader would give it."""
-    columns = ["id", CFG.timestamp, *CFG.categorical, *CFG.numerical, *CFG.datetimes]
-    return pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in columns})
-
-
 def planted_labels(rows: list[dict], seed: int) -> np.ndarray:
-    processed = derive_features(reference_frame(rows), CFG)
+    processed = rows_frame(rows, CFG)
     z = (
         -3.0
         + 0.8 * (processed["platform"].astype(str) == "ios").to_numpy()
@@ -70,8 +52,7 @@ def planted_labels(rows: list[dict], seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def training() -> tuple[pd.DataFrame, np.ndarray]:
     rows = raw_rows(4000, seed=1)
-    X = feature_frame(derive_features(reference_frame(rows), CFG), CFG)
-    return X, planted_labels(rows, seed=2)
+    return rows_frame(rows, CFG), planted_labels(rows, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +89,7 @@ def fit(name: str, training: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
 
 
 def reference(pipeline: Pipeline, rows: list[dict]) -> np.ndarray:
-    return pipeline.predict_proba(feature_frame(derive_features(reference_frame(rows), CFG), CFG))[
-        :, 1
-    ]
+    return pipeline.predict_proba(rows_frame(rows, CFG))[:, 1]
 
 
 @pytest.mark.parametrize("name", list(CANDIDATES))
@@ -147,33 +126,9 @@ def test_validated_datetimes_score_like_iso_text(name: str, training, scoring_ro
 
 def PipelineOnRecords(pipeline: Pipeline):  # noqa: N802 - reads as a constructor in the test
     def score(rows: list[dict]) -> list[float]:
-        processed = derive_features(records_to_frame(rows, CFG), CFG)
-        return pipeline.predict_proba(feature_frame(processed, CFG))[:, 1].tolist()
+        return pipeline.predict_proba(rows_frame(rows, CFG))[:, 1].tolist()
 
     return score
-
-
-def test_splines_compile_and_match(training, scoring_rows) -> None:
-    """SplineTransformer (linear extrapolation) on the numeric block of a target-encoded LR."""
-    numeric = make_pipeline(
-        SimpleImputer(strategy="median", keep_empty_features=True),
-        FunctionTransformer(_log1p_nonnegative),  # float64 from here on, as splines need
-        StandardScaler(),
-        SplineTransformer(n_knots=5, degree=3, extrapolation="linear"),
-    )
-    target = make_pipeline(SmoothedTargetEncoder(crosses=(("campaignId", "country"),)),
-                           StandardScaler())
-    features = ColumnTransformer(
-        [("target", target, CFG.categorical), ("numeric", numeric, CFG.feature_numerical)]
-    )
-    pipeline = Pipeline([("features", features),
-                         ("model", LogitRecalibrated(LogisticRegression(max_iter=300)))])
-    X, y = training
-    pipeline.fit(X, y).set_params(model__slope=1.2, model__intercept=0.3)
-    compiled = compile_pipeline(pipeline, CFG)
-    expected = reference(pipeline, scoring_rows)
-    got = np.array([compiled.score_one(row) for row in scoring_rows])
-    assert np.max(np.abs(got - expected)) <= TOLERANCE
 
 
 def test_unknown_step_falls_back_to_the_pipeline(training, scoring_rows) -> None:
@@ -183,7 +138,7 @@ def test_unknown_step_falls_back_to_the_pipeline(training, scoring_rows) -> None
                          ("model", LogitRecalibrated(LogisticRegression()))])
     X, y = training
     pipeline.fit(X, y)
-    with pytest.raises(NotCompilable, match="QuantileTransformer"):
+    with pytest.raises(NotTabulable, match="QuantileTransformer"):
         compile_pipeline(pipeline, CFG)
     scorer = build_scorer(pipeline, CFG)
     assert scorer.kind == "pipeline"
@@ -193,11 +148,11 @@ def test_unknown_step_falls_back_to_the_pipeline(training, scoring_rows) -> None
 
 
 def test_lightgbm_trees_follow_lightgbm_rules_exactly() -> None:
-    """Categorical splits, NaN / Zero / None missing types, default directions, tiny values."""
+    """NaN / Zero / None missing types, default directions, tiny values."""
     rng = np.random.default_rng(0)
     n = 3000
     X = np.column_stack([
-        rng.integers(0, 12, n).astype(float),  # categorical
+        rng.integers(0, 12, n).astype(float),  # few distinct values
         np.where(rng.random(n) < 0.2, np.nan, rng.normal(size=n)),  # NaN -> missing_type NaN
         np.where(rng.random(n) < 0.3, 0.0, rng.exponential(size=n)),  # zeros
         rng.normal(size=n),
@@ -214,15 +169,13 @@ def test_lightgbm_trees_follow_lightgbm_rules_exactly() -> None:
     for zero_as_missing in (False, True):
         model = lightgbm.LGBMClassifier(
             n_estimators=40, num_leaves=15, min_child_samples=5, verbose=-1,
-            zero_as_missing=zero_as_missing, cat_smooth=1.0, min_data_per_group=5,
-        ).fit(X, y, categorical_feature=[0])
+            zero_as_missing=zero_as_missing,
+        ).fit(X, y)
         ensemble = lgbm_trees.parse_booster(model.booster_)
-        assert ensemble.categorical.any()
-        constants: dict[str, object] = {}
         names = [f"f{i}" for i in range(X.shape[1])]
-        body = lgbm_trees.ensemble_statements(ensemble, names, "raw", constants, "    ")
+        body = lgbm_trees.ensemble_statements(ensemble, names, "raw", "    ")
         source = "def raw_score(f0, f1, f2, f3):\n" + "\n".join(body) + "\n    return raw\n"
-        namespace: dict[str, object] = dict(constants)
+        namespace: dict[str, object] = {}
         exec(compile(source, "<trees>", "exec"), namespace)
         expected = model.booster_.predict(test, raw_score=True)
         zeroed = np.where(np.abs(test) <= lgbm_trees.ZERO_THRESHOLD, 0.0, test)
@@ -230,8 +183,32 @@ def test_lightgbm_trees_follow_lightgbm_rules_exactly() -> None:
         assert np.array_equal(got, expected), (zero_as_missing, np.abs(got - expected).max())
 
 
-def test_huge_numbers_do_not_crash_the_compiled_path(training) -> None:
-    pipeline = fitted("logreg_onehot", training)
+def test_lightgbm_categorical_splits_are_rejected() -> None:
+    """No candidate splits on categories; a model that does must not be scored by tables."""
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.integers(0, 12, 2000).astype(float), rng.normal(size=2000)])
+    y = (np.isin(X[:, 0], [1, 4, 7]) ^ (rng.random(2000) < 0.1)).astype(int)
+    model = lightgbm.LGBMClassifier(n_estimators=5, min_child_samples=5, verbose=-1,
+                                    cat_smooth=1.0, min_data_per_group=5)
+    model.fit(X, y, categorical_feature=[0])
+    with pytest.raises(NotTabulable, match="categorical splits"):
+        lgbm_trees.parse_booster(model.booster_)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_huge_numbers_score_or_fail_as_the_pipeline_does(name: str, training) -> None:
+    """A count beyond float32 becomes inf: the linear models' imputer rejects it, so the
+    compiled scorer must raise too; the GBM reads it as it is, so both must give one
+    finite probability."""
+    pipeline = fitted(name, training)
     compiled = compile_pipeline(pipeline, CFG)
     row = {"timestamp": "2019-01-09 21:20:15.943000+00:00", "startCount": 1e300}
-    assert 0.0 <= compiled.score_one(row) <= 1.0 or math.isnan(compiled.score_one(row))
+    if "gbm" in name:
+        got = compiled.score_one(row)
+        assert math.isfinite(got)
+        assert abs(got - reference(pipeline, [row])[0]) <= TOLERANCE
+        return
+    with pytest.raises(ValueError, match="infinity"):
+        reference(pipeline, [row])
+    with pytest.raises(ValueError, match="infinite"):
+        compiled.score_one(row)

@@ -1,12 +1,17 @@
 """Fast, sklearn-compatible encoders for categoricals with tens of thousands of levels.
 
-sklearn's OneHotEncoder maps every value through a Python dict; on 3.7M rows x 7 columns with
-40k-level ids that costs tens of seconds. These encoders hash through `pandas.Index`, work on
-pandas Categorical codes when the input already has them, and keep their fitted state as plain
-arrays, so a scoring service can compile them into dictionary lookups.
+sklearn's OneHotEncoder maps every value through a Python dict, which dominates the cost of
+encoding millions of rows of ids with tens of thousands of levels. These encoders hash
+through `pandas.Index`, work on pandas Categorical codes when the input already has them,
+and keep their fitted state as plain arrays, which `SmoothedTargetEncoder.encoding_tables`
+hands to the table scorers of `rtb.scoring` (batch and per request), so that they need none
+of the encoder's internals.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -57,6 +62,34 @@ def fit_vocabulary(values: pd.Series, min_frequency: int) -> pd.Index:
         counts = values.astype(str).value_counts(sort=True)
     kept = counts[(counts >= min_frequency) & (counts > 0)].index
     return pd.Index(kept.astype(str), dtype=object)
+
+
+def mixed_radix_key(codes: Sequence[np.ndarray], radixes: Sequence[int]) -> np.ndarray:
+    """One int64 key per row from the level codes of several columns (first column most
+    significant); -1 (unseen) maps to the radix's last slot, which no fitted level uses."""
+    key = np.zeros(len(codes[0]), dtype=np.int64)
+    for code, radix in zip(codes, radixes, strict=True):
+        key = key * radix + np.where(code >= 0, code, radix - 1)
+    return key
+
+
+@dataclass(frozen=True)
+class GroupTable:
+    """The fitted encodings of one group (a column, or a cross of columns) as plain arrays.
+
+    A row's key is `mixed_radix_key` of its columns' codes, a code being the level's position
+    in that column's vocabulary (`len(vocabulary)`, the radix's last slot, when unseen).
+    `keys` are the sorted keys seen in training, `log_odds` and `log_counts` their encodings
+    in float64 (transform rounds them to float32); any other key encodes as `unseen`.
+    """
+
+    columns: tuple[str, ...]
+    vocabularies: tuple[pd.Index, ...]
+    radixes: tuple[int, ...]
+    keys: np.ndarray
+    log_odds: np.ndarray
+    log_counts: np.ndarray
+    unseen: tuple[float, float]
 
 
 class SparseOneHotEncoder(TransformerMixin, BaseEstimator):
@@ -129,22 +162,38 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
         self.crosses = crosses
         self.smoothing = smoothing
 
-    def _groups(self) -> list[tuple[str, ...]]:
+    def groups(self) -> list[tuple[str, ...]]:
+        """The encoded groups in output order: each column alone, then the crosses."""
         return [(name,) for name in self.feature_names_in_] + [tuple(c) for c in self.crosses]
 
-    def _level_codes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    def level_codes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Per input column, each row's position in that column's vocabulary (-1 unseen)."""
         return {
             name: lookup_codes(frame[name], vocabulary)
             for name, vocabulary in zip(self.feature_names_in_, self.vocabularies_, strict=True)
         }
 
-    def _group_keys(self, codes: dict[str, np.ndarray], group: tuple[str, ...]) -> np.ndarray:
-        """Mixed-radix key of the group's level codes; -1 (unseen) maps to the radix's last slot."""
-        key = np.zeros(len(next(iter(codes.values()))), dtype=np.int64)
-        for name in group:
-            radix = self.radix_[name]
-            key = key * radix + np.where(codes[name] >= 0, codes[name], radix - 1)
-        return key
+    def group_keys(self, codes: dict[str, np.ndarray], group: tuple[str, ...]) -> np.ndarray:
+        """Each row's key in the group's table (see `mixed_radix_key`)."""
+        return mixed_radix_key([codes[name] for name in group], [self.radix_[name] for name in group])
+
+    def encoding_tables(self) -> list[GroupTable]:
+        """Every group's fitted encodings, in output order, for scorers outside sklearn."""
+        check_is_fitted(self, "tables_")
+        vocabulary = dict(zip(self.feature_names_in_, self.vocabularies_, strict=True))
+        unseen = (float(np.log(self.prior_ / (1.0 - self.prior_))), 0.0)
+        return [
+            GroupTable(
+                columns=tuple(str(name) for name in group),
+                vocabularies=tuple(vocabulary[name] for name in group),
+                radixes=tuple(int(self.radix_[name]) for name in group),
+                keys=np.asarray(keys, dtype=np.int64),
+                log_odds=np.asarray(log_odds, dtype=np.float64),
+                log_counts=np.asarray(log_counts, dtype=np.float64),
+                unseen=unseen,
+            )
+            for group, (keys, log_odds, log_counts) in zip(self.groups(), self.tables_, strict=True)
+        ]
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> SmoothedTargetEncoder:
         self.fit_transform(X, y)
@@ -163,12 +212,12 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
             for name, v in zip(self.feature_names_in_, self.vocabularies_, strict=True)
         }
         self.prior_ = float(np.mean(target))
-        codes = self._level_codes(frame)
+        codes = self.level_codes(frame)
         self.tables_ = []
         self.smoothing_: list[float] = []
-        out = np.empty((len(frame), 2 * len(self._groups())), dtype=np.float32)
-        for position, group in enumerate(self._groups()):
-            key = self._group_keys(codes, group)
+        out = np.empty((len(frame), 2 * len(self.groups())), dtype=np.float32)
+        for position, group in enumerate(self.groups()):
+            key = self.group_keys(codes, group)
             # One stable sort per group: levels in key order, rows of a level in time order.
             order = np.argsort(key, kind="stable")
             sorted_key, sorted_y = key[order], target[order]
@@ -208,13 +257,13 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
     def transform(self, X: pd.DataFrame) -> np.ndarray:
         check_is_fitted(self, "tables_")
         frame = pd.DataFrame(X)
-        codes = self._level_codes(frame)
+        codes = self.level_codes(frame)
         prior_log_odds = float(np.log(self.prior_ / (1.0 - self.prior_)))
         out = np.empty((len(frame), 2 * len(self.tables_)), dtype=np.float32)
         for position, (group, (levels, log_odds, log_counts)) in enumerate(
-            zip(self._groups(), self.tables_, strict=True)
+            zip(self.groups(), self.tables_, strict=True)
         ):
-            key = self._group_keys(codes, group)
+            key = self.group_keys(codes, group)
             dense = self._dense_tables(position, group, prior_log_odds)
             if dense is not None:  # two gathers, no hashing
                 out[:, 2 * position] = dense[0][key]
@@ -262,7 +311,7 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "tables_")
         names = []
-        for group in self._groups():
+        for group in self.groups():
             label = "x".join(group)
             names += [f"te_{label}", f"logcount_{label}"]
         return np.asarray(names, dtype=object)

@@ -34,7 +34,7 @@ from rtb.errors import RtbError
 from rtb.serving.schema import PredictResponse, adapters, request_body_schema
 from rtb.serving.service import ScoringService
 
-try:  # orjson is ~5x faster than json for the response; json keeps the service working
+try:  # orjson is much faster than json for the response; json keeps the service working
     import orjson
 
     def _dumps(payload: object) -> bytes:

@@ -1,9 +1,10 @@
 """The scorer a service uses for one model: compiled when proven equal, else the pipeline.
 
-A compiled scorer is only trusted after it reproduced the pipeline's probabilities on probe
-rows built from the model's own vocabularies (seen levels, seen crosses, unseen levels,
-gaps, out-of-range numbers). Anything it cannot compile, or any disagreement beyond 1e-9,
-leaves the pipeline in charge, with the reason shown by `GET /model`.
+A compiled scorer (`rtb.scoring.compiled`, generated from the model's scoring tables) is only
+trusted after it reproduced the pipeline's probabilities on probe rows built from the
+model's own vocabularies (seen levels, seen crosses, unseen levels, gaps, out-of-range
+numbers), by the agreement check batch scoring uses too. Anything that does not tabulate,
+or any disagreement, leaves the pipeline in charge, with the reason shown by `GET /model`.
 """
 
 from __future__ import annotations
@@ -15,43 +16,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import pandas as pd
 
-from rtb.data.preprocessing import derive_features
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
-from rtb.models.pipeline import feature_frame
-from rtb.serving.compiled import CompiledScorer, compile_pipeline
-from rtb.serving.errors import NotCompilable
+from rtb.features import rows_frame
+from rtb.scoring import agreement
+from rtb.scoring.compiled import CompiledScorer, compile_pipeline
+from rtb.scoring.errors import NotTabulable
 
 log = logging.getLogger(__name__)
 
-TOLERANCE = 1e-9
 PROBE_ROWS = 256
-
-
-def records_to_frame(rows: Sequence[Mapping[str, object]], cfg: DatasetConfig) -> pd.DataFrame:
-    """Request rows as the raw frame `derive_features` expects (absent keys are gaps).
-
-    Every column is built as an object column so that an int id stays "123" (as the CSV
-    reader gives it) instead of pandas widening a column of ints and gaps to floats.
-    """
-    columns = cfg.raw_columns("test")
-    if not cfg.id:
-        columns = [cfg.id_column, *columns]
-    data = {}
-    for name in columns:
-        values = [row.get(name) for row in rows]
-        if name == cfg.timestamp or name in cfg.datetimes:
-            values = [_utc(v) for v in values]
-        data[name] = pd.Series(values, dtype=object)
-    return pd.DataFrame(data)
-
-
-def _utc(value: object) -> object:
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 @dataclass
@@ -62,8 +37,7 @@ class PipelineScorer:
     cfg: DatasetConfig
 
     def score_many(self, rows: Sequence[Mapping[str, object]]) -> list[float]:
-        processed = derive_features(records_to_frame(rows, self.cfg), self.cfg)
-        p = self.pipeline.predict_proba(feature_frame(processed, self.cfg))[:, 1]
+        p = self.pipeline.predict_proba(rows_frame(rows, self.cfg))[:, 1]
         return np.asarray(p, dtype=np.float64).tolist()
 
     def score_one(self, row: Mapping[str, object]) -> float:
@@ -78,7 +52,6 @@ class Scorer:
     reason: str
     implementation: CompiledScorer | PipelineScorer = field(repr=False)
     build_seconds: float = 0.0
-    max_probe_difference: float | None = None
 
     def score_one(self, row: Mapping[str, object]) -> float:
         return self.implementation.score_one(row)
@@ -101,30 +74,33 @@ def build_scorer(pipeline: object, cfg: DatasetConfig, *, try_compile: bool = Tr
         ) from exc
     if not np.all(np.isfinite(expected)):
         raise RtbError("model produced non-finite probabilities on probe rows")
+
+    def fallback(reason: str) -> Scorer:
+        return Scorer("pipeline", reason, reference, time.perf_counter() - started)
+
     if not try_compile:
-        return Scorer("pipeline", "compilation disabled", reference,
-                      time.perf_counter() - started)
+        return fallback("compilation disabled")
     try:
         compiled = compile_pipeline(pipeline, cfg)
-    except NotCompilable as exc:
+    except NotTabulable as exc:
         log.warning("serving with the pipeline: %s", exc)
-        return Scorer("pipeline", f"not compilable: {exc}", reference,
-                      time.perf_counter() - started)
-    one = np.asarray([compiled.score_one(row) for row in probes])
-    many = np.asarray(compiled.score_many(probes))
-    difference = float(max(np.max(np.abs(one - expected)), np.max(np.abs(many - expected))))
-    if not difference <= TOLERANCE:
+        return fallback(f"not compilable: {exc}")
+    one = [compiled.score_one(row) for row in probes]
+    many = compiled.score_many(probes)
+    difference = max(agreement.disagreement(one, expected),
+                     agreement.disagreement(many, expected))
+    if not agreement.agrees(one, expected) or not agreement.agrees(many, expected):
         reason = (
             f"compiled scorer differs from the pipeline by {difference:.3g} on probe rows "
-            f"(tolerance {TOLERANCE:g})"
+            f"(tolerance {agreement.AGREEMENT:g})"
         )
         log.warning("serving with the pipeline: %s", reason)
-        return Scorer("pipeline", reason, reference, time.perf_counter() - started, difference)
+        return fallback(reason)
     reason = (
         f"compiled {compiled.kind}; matches the pipeline within {difference:.1e} on "
         f"{len(probes)} probe rows"
     )
-    return Scorer("compiled", reason, compiled, time.perf_counter() - started, difference)
+    return Scorer("compiled", reason, compiled, time.perf_counter() - started)
 
 
 def _vocabularies(pipeline: object) -> tuple[dict[str, list[str]], list]:
@@ -142,7 +118,7 @@ def _vocabularies(pipeline: object) -> tuple[dict[str, list[str]], list]:
         if vocabularies is not None and names is not None:
             for name, vocabulary in zip(names, vocabularies, strict=False):
                 levels.setdefault(str(name), [str(v) for v in list(vocabulary)[:2000]])
-            if hasattr(obj, "tables_") and hasattr(obj, "radix_"):
+            if hasattr(obj, "encoding_tables"):
                 encoders.append(obj)
         for child in _children(obj):
             walk(child, depth + 1)
@@ -226,19 +202,18 @@ def _seen_crosses(encoders: list, rng: np.random.Generator) -> list[dict[str, st
     """Level combinations the target encoders' crossed tables hold (decoded keys)."""
     out: list[dict[str, str]] = []
     for encoder in encoders:
-        groups = encoder._groups()
-        vocab = dict(zip(encoder.feature_names_in_, encoder.vocabularies_, strict=False))
-        for group, table in zip(groups, encoder.tables_, strict=False):
-            if len(group) < 2 or len(table[0]) == 0:
+        for table in encoder.encoding_tables():
+            if len(table.columns) < 2 or len(table.keys) == 0:
                 continue
-            keys = np.asarray(table[0])
-            for key in rng.choice(keys, size=min(8, len(keys)), replace=False).tolist():
+            chosen = rng.choice(table.keys, size=min(8, len(table.keys)), replace=False)
+            for key in chosen.tolist():
                 decoded = {}
-                for name in reversed(group):
-                    radix = int(encoder.radix_[name])
-                    code = key % radix
-                    key //= radix
-                    if code < len(vocab[name]):
-                        decoded[name] = str(vocab[name][code])
+                for name, vocabulary, radix in zip(
+                    reversed(table.columns), reversed(table.vocabularies),
+                    reversed(table.radixes), strict=True,
+                ):
+                    key, code = divmod(key, radix)
+                    if code < len(vocabulary):
+                        decoded[name] = str(vocabulary[code])
                 out.append(decoded)
     return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rtb.config import VERSION_FORMAT, ProjectPaths
+from rtb.config import ProjectPaths, version_time
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import read_yaml
@@ -65,15 +65,13 @@ class LoadedModel:
 
 
 def trained_at(version: str) -> str | None:
-    """Versions are UTC training timestamps (20260101T060000Z) -> ISO 8601."""
-    try:
-        return datetime.strptime(version, VERSION_FORMAT).replace(tzinfo=UTC).isoformat()
-    except ValueError:
-        return None
+    """The version's training time in ISO 8601."""
+    moment = version_time(version)
+    return moment.isoformat() if moment else None
 
 
-def load_model(entry: registry.ModelEntry, cfg: DatasetConfig, *, try_compile: bool = True
-               ) -> LoadedModel:
+def load_model(paths: ProjectPaths, entry: registry.ModelEntry, cfg: DatasetConfig, *,
+               try_compile: bool = True) -> LoadedModel:
     """Verify, unpickle, build and check the scorer; RtbError with one line if anything fails."""
     pipeline = registry.load_verified(entry)
     if not hasattr(pipeline, "predict_proba"):
@@ -81,7 +79,7 @@ def load_model(entry: registry.ModelEntry, cfg: DatasetConfig, *, try_compile: b
     scorer = build_scorer(pipeline, cfg, try_compile=try_compile)
     report: dict[str, object] = {}
     try:
-        report_path = registry.report_path_for(entry.path)
+        report_path = paths.report(entry.version)
         if report_path.exists():
             report = read_yaml(report_path)
     except RtbError as exc:
@@ -132,9 +130,9 @@ class ScoringService:
               try_compile: bool = True) -> ScoringService:
         """Load the champion (or `model_path`, which pins the service to it) or raise RtbError."""
         pointer = _pointer_signature(paths.champion_pointer)
-        entry = registry.resolve_model(paths.models_dir, model_path)
+        entry = registry.resolve_model(paths, model_path)
         service = cls(
-            paths, cfg, load_model(entry, cfg, try_compile=try_compile),
+            paths, cfg, load_model(paths, entry, cfg, try_compile=try_compile),
             pinned=model_path is not None, try_compile=try_compile,
         )
         service._pointer_seen = pointer
@@ -158,11 +156,11 @@ class ScoringService:
             self._pointer_seen = pointer
             started = time.perf_counter()
             try:
-                entry = registry.load_champion_entry(self.paths.models_dir)
+                entry = registry.load_champion_entry(self.paths)
                 if entry.sha256 == current.entry.sha256 and entry.path == current.entry.path:
                     self.last_error = None
                     return ReloadResult(False, current.version, detail="champion unchanged")
-                loaded = load_model(entry, self.cfg, try_compile=self.try_compile)
+                loaded = load_model(self.paths, entry, self.cfg, try_compile=self.try_compile)
             except RtbError as exc:
                 self.last_error = str(exc)
                 log.error("reload failed, still serving %s: %s", current.version, exc)

@@ -1,0 +1,392 @@
+"""The scoring tables of a fitted candidate pipeline: everything its model reads, per key.
+
+Why tables: all three candidates (`rtb.models.pipeline`) spend their categorical work on
+lookups of fitted values, and their numeric work on a few column-wise constants. Read once,
+those become a small artifact that a vectorised batch scorer (`rtb.scoring.batch`) and a
+generated per-request scorer (`rtb.scoring.compiled`) share, so the two cannot drift apart:
+
+- per categorical column its vocabulary (a level's code is its position, unseen levels get
+  `len(vocabulary)`), and per group (a column or a cross) a `KeyTable` holding, for every
+  key seen in training, exactly the values the head consumes for it;
+- the numeric block as constants (imputer fills, log1p or not, scaler mean and scale) in
+  the dtype sklearn computes it in;
+- the head: a logistic regression's intercept and numeric weights (its categorical weights
+  are folded into the tables), or a LightGBM ensemble; then the Platt step.
+
+For a logistic regression a table holds each key's *contribution to the log-odds*
+(encoding, scaling and coefficient applied once per key, rounded where sklearn rounds).
+The one-hot model is fitted on a float32 sparse matrix, whose mat-vec rounds every product
+and every partial sum to float32 in column order; its tables keep one float32 product per
+model column, which the scorers add one at a time. For the GBM a table holds the encoded
+values themselves.
+
+`tabulate` recognises the pipeline's shape in one place; anything else raises
+`NotTabulable` naming the obstacle, and the caller keeps scoring with the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from rtb.models.encoders import SmoothedTargetEncoder, SparseOneHotEncoder
+from rtb.models.pipeline import LogitRecalibrated, log1p_nonnegative
+from rtb.scoring import lgbm_trees
+from rtb.scoring.errors import NotTabulable
+
+_PROBE_VALUES = (0.0, 1.0, -1.0, 0.5, 3.0, -2.75, 7.3, 12.0, 123.456, 1e4, 3.3e7, 1e-3, math.nan)
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """What the head reads for each key of one categorical group.
+
+    `columns` are positions in `ScoringTables.categorical`; a row's key is the mixed-radix
+    number of their codes (`rtb.models.encoders.mixed_radix_key`). `values` has one row per
+    seen key (sorted `keys`) plus a last row, the default for any other key.
+    """
+
+    columns: tuple[int, ...]
+    radixes: tuple[int, ...]
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def size(self) -> int:
+        """Number of possible keys (seen or not)."""
+        return int(np.prod(self.radixes, dtype=np.float64))
+
+    def by_key(self) -> np.ndarray:
+        """`values` laid out by key, the default wherever no key was seen: (size, width)."""
+        dense = np.repeat(self.values[-1:], self.size, axis=0)
+        dense[self.keys] = self.values[:-1]
+        return dense
+
+
+@dataclass(frozen=True)
+class NumericBlock:
+    """The numeric columns' steps as constants: impute, log1p, standardise, in `dtype`.
+
+    Inputs are float32, as processed frames hold them. `fills` None means no imputer (the
+    GBM's passthrough); with an imputer, infinite inputs are an error, as in SimpleImputer.
+    """
+
+    columns: tuple[str, ...]
+    dtype: np.dtype
+    fills: np.ndarray | None
+    log1p: bool
+    mean: np.ndarray | None
+    scale: np.ndarray | None
+
+    def apply(self, matrix: np.ndarray) -> np.ndarray:
+        """The block on a float32 matrix of its columns, rounding where sklearn rounds."""
+        values = np.array(matrix, dtype=np.float32)
+        if self.fills is not None:
+            if np.isinf(values).any():
+                raise ValueError("Input X contains infinity (SimpleImputer rejects it)")
+            gaps = np.isnan(values)
+            values[gaps] = np.broadcast_to(self.fills, values.shape)[gaps]
+        if self.log1p:
+            values = log1p_nonnegative(values)
+        if self.mean is not None:  # in place: the same ufuncs, without a copy of the block
+            values -= self.mean
+        if self.scale is not None:
+            values /= self.scale
+        return values
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Logistic regression: intercept plus the numeric block's weights (categorical weights
+    are in the tables). `float32`: products and partial sums round to float32 in column
+    order, tables first, as scipy's CSR mat-vec does for the one-hot model."""
+
+    intercept: float
+    weights: np.ndarray
+    float32: bool
+
+
+@dataclass(frozen=True)
+class TreeHead:
+    """LightGBM on the tables' values followed by the numeric block's, in that order."""
+
+    model: object
+    ensemble: lgbm_trees.Ensemble
+
+
+@dataclass(frozen=True)
+class ScoringTables:
+    """Everything a scorer needs to give the pipeline's probabilities without sklearn."""
+
+    categorical: tuple[str, ...]
+    vocabularies: tuple[pd.Index, ...]
+    groups: tuple[KeyTable, ...]
+    numeric: NumericBlock | None
+    head: LinearHead | TreeHead
+    slope: float
+    intercept: float
+
+    @property
+    def kind(self) -> str:
+        return "lightgbm" if isinstance(self.head, TreeHead) else "logistic_regression"
+
+    @property
+    def columns(self) -> list[str]:
+        """The processed-frame columns the scorers read."""
+        return [*self.categorical, *(self.numeric.columns if self.numeric else ())]
+
+
+# --------------------------------------------------------------------------- recognition
+@dataclass
+class _Encoded:
+    """One group as the categorical block outputs it (before the head)."""
+
+    group: KeyTable  # values: the block's output columns for the group, in its dtype
+    offset: int  # the group's first column in the model's input
+    one_hot: bool  # one column per level: the key selects the weight, the value is 1.0
+
+
+def tabulate(pipeline: object) -> ScoringTables:
+    """The scoring tables of a fitted candidate pipeline, or NotTabulable naming the step."""
+    if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2:
+        raise NotTabulable("expected Pipeline([features ColumnTransformer, LogitRecalibrated])")
+    features, calibrated = pipeline.steps[0][1], pipeline.steps[1][1]
+    if not isinstance(features, ColumnTransformer) or not hasattr(features, "transformers_"):
+        raise NotTabulable(f"first step is {type(features).__name__}, not a fitted ColumnTransformer")
+    if not isinstance(calibrated, LogitRecalibrated) or not hasattr(calibrated, "estimator_"):
+        raise NotTabulable(f"last step is {type(calibrated).__name__}, not a fitted LogitRecalibrated")
+    blocks = [
+        (name, step, list(columns))
+        for name, step, columns in features.transformers_
+        if not (isinstance(step, str) and step == "drop") and len(columns)
+    ]
+    categorical: tuple[str, ...] = ()
+    vocabularies: tuple[pd.Index, ...] = ()
+    encoded: list[_Encoded] = []
+    dtypes: list[np.dtype] = []
+    if blocks and _is_categorical(blocks[0][1]):
+        _, step, columns = blocks.pop(0)
+        categorical, vocabularies, encoded, dtype = _categorical_block(step, columns)
+        dtypes.append(dtype)
+    numeric = None
+    if blocks:
+        name, step, columns = blocks.pop(0)
+        numeric = _numeric_block(name, step, columns)
+        dtypes.append(numeric.dtype)
+    if blocks:
+        raise NotTabulable(f"ColumnTransformer block {blocks[0][0]!r} is not supported "
+                           "(one categorical block, then one numeric block)")
+    if not dtypes:
+        raise NotTabulable("ColumnTransformer produces no columns")
+    width = _categorical_width(encoded) + (len(numeric.columns) if numeric else 0)
+    sparse = bool(getattr(features, "sparse_output_", False))
+    head, groups = _head(calibrated.estimator_, encoded, np.result_type(*dtypes), sparse, width)
+    return ScoringTables(
+        categorical=categorical,
+        vocabularies=vocabularies,
+        groups=tuple(groups),
+        numeric=numeric,
+        head=head,
+        slope=float(calibrated.slope),
+        intercept=float(calibrated.intercept),
+    )
+
+
+def _is_categorical(step: object) -> bool:
+    inner = step.steps[0][1] if isinstance(step, Pipeline) and step.steps else step
+    return isinstance(inner, SmoothedTargetEncoder | SparseOneHotEncoder)
+
+
+def _block_width(encoded: _Encoded) -> int:
+    return len(encoded.group.keys) if encoded.one_hot else encoded.group.width
+
+
+def _categorical_block(
+    step: object, columns: list[str]
+) -> tuple[tuple[str, ...], tuple[pd.Index, ...], list[_Encoded], np.dtype]:
+    """Codes and per-key outputs of a SparseOneHotEncoder, a SmoothedTargetEncoder, or a
+    SmoothedTargetEncoder followed by a StandardScaler."""
+    steps = [s for _, s in step.steps] if isinstance(step, Pipeline) else [step]
+    encoder = steps[0]
+    if list(encoder.feature_names_in_) != columns:
+        raise NotTabulable(f"{type(encoder).__name__} was fitted on other columns")
+    if isinstance(encoder, SparseOneHotEncoder):
+        if len(steps) != 1:
+            raise NotTabulable("SparseOneHotEncoder followed by another step is not supported")
+        encoded, offset = [], 0
+        for position, vocabulary in enumerate(encoder.vocabularies_):
+            values = np.append(np.ones(len(vocabulary), np.float32), np.float32(0.0))[:, None]
+            keys = np.arange(len(vocabulary), dtype=np.int64)
+            group = KeyTable((position,), (len(vocabulary) + 1,), keys, values)
+            encoded.append(_Encoded(group, offset, one_hot=True))
+            offset += len(vocabulary)
+        return tuple(columns), tuple(encoder.vocabularies_), encoded, np.dtype(np.float32)
+    scaler = steps[1] if len(steps) == 2 else None
+    if len(steps) > 2 or (scaler is not None and not isinstance(scaler, StandardScaler)):
+        names = ", ".join(type(s).__name__ for s in steps[1:])
+        raise NotTabulable(f"SmoothedTargetEncoder followed by {names} is not supported")
+    position_of = {name: position for position, name in enumerate(columns)}
+    tables = encoder.encoding_tables()
+    blocks = [
+        np.vstack([np.column_stack([t.log_odds, t.log_counts]), [t.unseen]]).astype(np.float32)
+        for t in tables
+    ]
+    if scaler is not None:
+        blocks = _scaled_blocks(scaler, blocks)
+    encoded = [
+        _Encoded(
+            KeyTable(tuple(position_of[c] for c in t.columns), t.radixes, t.keys, values),
+            offset=2 * position,
+            one_hot=False,
+        )
+        for position, (t, values) in enumerate(zip(tables, blocks, strict=True))
+    ]
+    vocabularies = tuple(encoder.vocabularies_)
+    return tuple(columns), vocabularies, encoded, np.dtype(np.float32)
+
+
+def _scaled_blocks(scaler: StandardScaler, blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each group's (encoding, log count) rows through the fitted scaler's constants, checked
+    bit for bit against the scaler itself on rows drawn from every group."""
+    mean, scale = _scaler_constants(scaler, np.dtype(np.float32))
+    width = 2 * len(blocks)
+    if len(scaler.scale_ if scaler.scale_ is not None else scaler.mean_) != width:
+        raise NotTabulable("StandardScaler after SmoothedTargetEncoder has another width")
+    scaled = []
+    for p, values in enumerate(blocks):
+        if mean is not None:
+            values = values - mean[2 * p : 2 * p + 2]
+        if scale is not None:
+            values = values / scale[2 * p : 2 * p + 2]
+        scaled.append(values)
+    probe_rows = max(len(values) for values in blocks)
+    probe_rows = min(probe_rows, 512)
+    probe = np.column_stack([np.resize(values, (probe_rows, 2)) for values in blocks])
+    emulated = np.column_stack([np.resize(values, (probe_rows, 2)) for values in scaled])
+    _check_step(scaler, probe, emulated, "StandardScaler after SmoothedTargetEncoder")
+    return scaled
+
+
+def _scaler_constants(
+    scaler: StandardScaler, dtype: np.dtype
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Mean and scale as StandardScaler.transform applies them: cast to the input's dtype."""
+    mean = scaler.mean_.astype(dtype) if scaler.with_mean else None
+    scale = scaler.scale_.astype(dtype) if scaler.with_std and scaler.scale_ is not None else None
+    return mean, scale
+
+
+def _numeric_block(name: str, step: object, columns: list[str]) -> NumericBlock:
+    """SimpleImputer, then optionally log1p, then optionally StandardScaler; or passthrough."""
+    float32 = np.dtype(np.float32)
+    if (isinstance(step, str) and step == "passthrough") or (
+        isinstance(step, FunctionTransformer) and step.func is None  # fitted "passthrough"
+    ):
+        return NumericBlock(tuple(columns), float32, None, False, None, None)
+    steps = [s for _, s in step.steps] if isinstance(step, Pipeline) else [step]
+    imputer = steps.pop(0) if steps and isinstance(steps[0], SimpleImputer) else None
+    if imputer is None:
+        raise NotTabulable(f"numeric block {name!r} does not start with a SimpleImputer")
+    missing = imputer.missing_values
+    if imputer.add_indicator or not (isinstance(missing, float) and math.isnan(missing)):
+        raise NotTabulable("SimpleImputer: only missing_values=nan without indicator")
+    fills = np.asarray(imputer.statistics_, dtype=np.float64)
+    if np.isnan(fills).any() and not imputer.keep_empty_features:
+        raise NotTabulable("SimpleImputer drops all-missing columns (keep_empty_features)")
+    log1p = bool(steps) and isinstance(steps[0], FunctionTransformer)
+    if log1p:
+        function = steps.pop(0)
+        if function.func is not log1p_nonnegative or function.kw_args:
+            label = getattr(function.func, "__qualname__", repr(function.func))
+            raise NotTabulable(f"FunctionTransformer func {label} has no table equivalent")
+    dtype = np.dtype(np.float64) if log1p else float32
+    mean = scale = None
+    if steps and isinstance(steps[0], StandardScaler):
+        mean, scale = _scaler_constants(steps.pop(0), dtype)
+    if steps:
+        raise NotTabulable(f"{type(steps[0]).__name__} in numeric block {name!r} "
+                           "has no table equivalent")
+    block = NumericBlock(tuple(columns), dtype, fills.astype(float32), log1p, mean, scale)
+    probe = np.array([[v] * len(columns) for v in _PROBE_VALUES], dtype=np.float32)
+    _check_step(step, pd.DataFrame(probe, columns=columns), block.apply(probe),
+                f"numeric block {name!r}")
+    return block
+
+
+def _check_step(step: object, probe: object, emulated: np.ndarray, label: str) -> None:
+    """The emulation of a fitted step must reproduce it bit for bit (NaN equal to NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = np.asarray(step.transform(probe))
+    if expected.dtype != emulated.dtype or not np.array_equal(expected, emulated, equal_nan=True):
+        raise NotTabulable(f"{label}: table emulation differs from the fitted step")
+
+
+# --------------------------------------------------------------------------- heads
+def _head(
+    estimator: object, encoded: list[_Encoded], dtype: np.dtype, sparse: bool, width: int
+) -> tuple[LinearHead | TreeHead, list[KeyTable]]:
+    if isinstance(estimator, LogisticRegression):
+        return _linear_head(estimator, encoded, dtype, sparse, width)
+    if type(estimator).__name__ == "LGBMClassifier":
+        if any(e.one_hot for e in encoded):
+            raise NotTabulable("LightGBM on one-hot columns is not supported")
+        if not hasattr(estimator, "decision_function") or len(estimator.classes_) != 2:
+            raise NotTabulable("LGBMClassifier is not binary or lacks decision_function")
+        ensemble = lgbm_trees.parse_booster(estimator.booster_)
+        if ensemble.n_features > width:
+            raise NotTabulable(f"LightGBM reads {ensemble.n_features} features, the pipeline "
+                               f"gives {width}")
+        groups = [e.group for e in encoded]
+        return TreeHead(estimator, ensemble), [_as_float64(g, g.values) for g in groups]
+    raise NotTabulable(f"final estimator {type(estimator).__name__} is not supported")
+
+
+def _linear_head(
+    model: LogisticRegression, encoded: list[_Encoded], dtype: np.dtype, sparse: bool, width: int
+) -> tuple[LinearHead, list[KeyTable]]:
+    coef = np.asarray(model.coef_)
+    if coef.ndim != 2 or coef.shape[0] != 1 or len(model.classes_) != 2:
+        raise NotTabulable("LogisticRegression is not binary")
+    if coef.shape[1] != width:
+        raise NotTabulable(f"LogisticRegression has {coef.shape[1]} inputs, the pipeline {width}")
+    product = np.result_type(dtype, coef.dtype)
+    float32 = product == np.float32
+    if float32 and not sparse:
+        raise NotTabulable("LogisticRegression on dense float32 input: BLAS summation order "
+                           "is not reproducible")
+    weights = coef[0].astype(product)
+    groups = []
+    for e in encoded:
+        if e.one_hot:  # the key's own column; the default row (no column) adds nothing
+            picked = np.append(weights[e.offset : e.offset + len(e.group.keys)], 0.0)
+            products = e.group.values.astype(product) * picked.astype(product)[:, None]
+        else:
+            products = e.group.values.astype(product) * weights[e.offset : e.offset + e.group.width]
+        if not float32:
+            products = products.sum(axis=1, keepdims=True)
+        groups.append(_as_float64(e.group, products))
+    numeric_weights = weights[_categorical_width(encoded) :].astype(np.float64)
+    intercept = float(np.asarray(model.intercept_, dtype=product)[0])
+    return LinearHead(intercept, numeric_weights, float32), groups
+
+
+def _categorical_width(encoded: list[_Encoded]) -> int:
+    return encoded[-1].offset + _block_width(encoded[-1]) if encoded else 0
+
+
+def _as_float64(group: KeyTable, values: np.ndarray) -> KeyTable:
+    return KeyTable(group.columns, group.radixes, group.keys, np.asarray(values, dtype=np.float64))
