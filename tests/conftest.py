@@ -125,3 +125,20 @@ def raw_project(project: ProjectPaths) -> ProjectPaths:
     test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
     write_raw(test, project.raw_dir / "test_data.csv.gz")
     return project
+
+
+# The public TalkingData click sample, shipped with the tests (see its SOURCE.md); gzip CSV,
+# which pandas reads directly.
+TALKINGDATA_SAMPLE: Path = REPO_ROOT / "tests" / "data" / "talkingdata" / "train_sample.csv.gz"
+
+
+def rewrite_hand_over(paths: ProjectPaths, split: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    """Change the processed hand-over that training and prediction read (`<split>_df.arrow`),
+    keeping its typed layout: how a test puts different data in front of those stages."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    path = paths.processed_arrow(split)
+    frame = edit(feather.read_table(path).to_pandas())
+    feather.write_feather(pa.Table.from_pandas(frame, preserve_index=False), path,
+                          compression="uncompressed")

@@ -12,12 +12,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rtb.config import DATASET_CONFIG_ENV, ProjectPaths, default_project_dir
 from rtb.errors import RtbError
+
+if TYPE_CHECKING:
+    from rtb.dataset_config import DatasetConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -49,23 +52,72 @@ def _paths(project_dir: Path | None) -> ProjectPaths:
     return ProjectPaths((project_dir or default_project_dir()).resolve())
 
 
-def _split(split: str) -> str:
-    if split not in ("train", "test"):
-        raise RtbError(f"--split: expected 'train' or 'test', got {split!r}")
+def _split(split: str, cfg: DatasetConfig) -> str:
+    """A split the dataset config names a raw file for."""
+    if split not in cfg.files:
+        expected = " or ".join(repr(name) for name in cfg.files)
+        raise RtbError(f"--split: expected {expected}, got {split!r}")
     return split
 
 
 @app.command()
 def generate(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the two .csv.gz files.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for the two .csv.gz files (with --stream: a data/raw folder)."),
+    ],
     rows_train: Annotated[int, typer.Option("--rows-train")] = 200_000,
     rows_test: Annotated[int, typer.Option("--rows-test")] = 50_000,
     seed: Annotated[int, typer.Option("--seed")] = 7,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Write hourly request and daily labelled partitions (requests/date=.../hour=..., "
+            "labelled/date=...) instead of the two files.",
+        ),
+    ] = False,
+    days: Annotated[
+        int, typer.Option("--days", min=1, help="With --stream: days of requests before --end.")
+    ] = 14,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            "--end",
+            help="With --stream: exclusive end, a UTC hour (2025-06-10T13:00Z; no offset = UTC). "
+            "Default: the start of the current UTC hour.",
+        ),
+    ] = None,
+    rows_per_day: Annotated[
+        int, typer.Option("--rows-per-day", min=1, help="With --stream: average requests per day.")
+    ] = 20_000,
+    shift_day: Annotated[
+        str | None,
+        typer.Option(
+            "--shift-day",
+            help="With --stream: UTC day (YYYY-MM-DD) of the planted campaign shift. "
+            "Default: the third-last complete day.",
+        ),
+    ] = None,
 ) -> None:
-    """Write a realistic synthetic training_data.csv.gz and test_data.csv.gz."""
-    from rtb.data.generate import generate_raw
+    """Write a realistic synthetic training_data.csv.gz and test_data.csv.gz (or, with --stream,
+    hourly and daily raw-log partitions)."""
+    if not stream:
+        from rtb.data.generate import generate_raw
 
-    generate_raw(out, rows_train=rows_train, rows_test=rows_test, seed=seed)
+        generate_raw(out, rows_train=rows_train, rows_test=rows_test, seed=seed)
+        return
+    from rtb.data.generate import generate_stream
+    from rtb.partitions import parse_day, parse_hour
+
+    generate_stream(
+        out,
+        end=None if end is None else parse_hour(end, name="--end"),
+        days=days,
+        rows_per_day=rows_per_day,
+        shift_day=None if shift_day is None else parse_day(shift_day, name="--shift-day"),
+        seed=seed,
+    )
 
 
 @app.command("make-dataset")
@@ -78,7 +130,8 @@ def make_dataset(
     from rtb.data.make_dataset import run_make_dataset
     from rtb.dataset_config import load_dataset_config
 
-    run_make_dataset(_paths(project_dir), _split(split), load_dataset_config(dataset_config))
+    cfg = load_dataset_config(dataset_config)
+    run_make_dataset(_paths(project_dir), _split(split, cfg), cfg)
 
 
 @app.command()
@@ -87,11 +140,12 @@ def preprocess(
     project_dir: ProjectDirOption = None,
     dataset_config: DatasetOption = None,
 ) -> None:
-    """Derive features and write data/processed/<split>_df.csv."""
+    """Derive features; write data/processed/<split>_df.arrow (hand-over) and .csv (export)."""
     from rtb.data.preprocessing import run_preprocess
     from rtb.dataset_config import load_dataset_config
 
-    run_preprocess(_paths(project_dir), _split(split), load_dataset_config(dataset_config))
+    cfg = load_dataset_config(dataset_config)
+    run_preprocess(_paths(project_dir), _split(split, cfg), cfg)
 
 
 @app.command()
@@ -118,19 +172,11 @@ def predict(
         Path | None, typer.Option("--model", help="Model pickle (default: the champion).")
     ] = None,
 ) -> None:
-    """Score data/processed/test_df.csv; write predictions_<version>.npy/.csv + sidecar."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rtb.data.preprocessing import read_scoring_input
+    """Score the processed test split; write predictions_<version>.npy/.csv + sidecar."""
     from rtb.dataset_config import load_dataset_config
+    from rtb.models.make_predicting import run_predicting
 
-    paths, cfg = _paths(project_dir), load_dataset_config(dataset_config)
-    # The input is read in a thread while sklearn and the model load (both about a second).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-        reading = reader.submit(read_scoring_input, paths.processed("test"), cfg)
-        from rtb.models.make_predicting import run_predicting
-
-        run_predicting(paths, cfg, model_path=model, reading=reading)
+    run_predicting(_paths(project_dir), load_dataset_config(dataset_config), model_path=model)
 
 
 @app.command("check-model")
@@ -138,7 +184,7 @@ def check_model(project_dir: ProjectDirOption = None) -> None:
     """Exit non-zero unless a verified champion model exists (the predict DAG's first gate)."""
     from rtb.models.registry import load_champion_entry
 
-    entry = load_champion_entry(_paths(project_dir).models_dir)
+    entry = load_champion_entry(_paths(project_dir))
     log.info("champion model %s (sha256 %s) is present and verified", entry.path.name, entry.sha256)
 
 
@@ -181,11 +227,11 @@ def configure_logging() -> None:
 
 def main() -> None:
     """Entry point: run the command; an RtbError becomes one line on stderr and exit 1."""
-    # OpenMP threads that spin while waiting make LightGBM 5-10x slower when another process
+    # OpenMP threads that spin while waiting make LightGBM several times slower when another process
     # shares the two cores (an Airflow scheduler, a second task); passive waiting costs ~nothing.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Our BLAS calls are many small ones (L-BFGS on a few hundred coefficients); with threads
-    # they are up to 10x slower on a shared 2-core machine. Set before numpy is imported.
+    # they are much slower on a shared 2-core machine. Set before numpy is imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     configure_logging()
     started = time.perf_counter()

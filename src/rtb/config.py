@@ -8,16 +8,22 @@ job image it is a bind mount, on a laptop it is the checkout; `RTB_PROJECT_DIR` 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rtb.errors import RtbError
+
 PROJECT_DIR_ENV = "RTB_PROJECT_DIR"
 DATASET_CONFIG_ENV = "RTB_DATASET_CONFIG"
 VERSION_FORMAT = "%Y%m%dT%H%M%SZ"
-SPLITS = ("train", "test")
+VERSION_PATTERN = r"\d{8}T\d{6}Z"
+MODEL_NAME = re.compile(rf"^pipeline_({VERSION_PATTERN})\.pkl$")
+CHAMPION_FILE = "champion.yaml"
+PROMOTION_LOCK_FILE = ".promotion.lock"
 
 
 def default_project_dir() -> Path:
@@ -27,7 +33,8 @@ def default_project_dir() -> Path:
 
 @dataclass(frozen=True)
 class ProjectPaths:
-    """All artifact locations under one project root."""
+    """All artifact locations and names under one project root: the one place that knows how
+    a split, a model version or a prediction set maps to a file."""
 
     root: Path
 
@@ -59,7 +66,12 @@ class ProjectPaths:
         return self.interim_dir / f"{split}.arrow"
 
     def processed(self, split: str) -> Path:
+        """The processed CSV: the export users read (stages hand over `processed_arrow`)."""
         return self.processed_dir / f"{split}_df.csv"
+
+    def processed_arrow(self, split: str) -> Path:
+        """The typed hand-over from preprocess to train and predict."""
+        return self.processed_dir / f"{split}_df.arrow"
 
     def model(self, version: str) -> Path:
         return self.models_dir / f"pipeline_{version}.pkl"
@@ -67,15 +79,54 @@ class ProjectPaths:
     def report(self, version: str) -> Path:
         return self.reports_dir / f"report_{version}.yaml"
 
+    def report_for_model(self, model_path: Path) -> Path:
+        """The training report that records a model file's sha256."""
+        return self.report(version_of(model_path))
+
+    def report_plot(self, version: str, kind: str) -> Path:
+        """A picture of a training run, beside its report: `report_<version>_<kind>.png`."""
+        return self.reports_dir / f"report_{version}_{kind}.png"
+
+    def predictions(self, version: str, suffix: str) -> Path:
+        """One file of a prediction set: `.npy` (probabilities), `.csv` (ids) or `.yaml`."""
+        return self.predictions_dir / f"predictions_{version}{suffix}"
+
+    def prediction_set(self, partition: str) -> Path:
+        """The one prediction set of a request partition (a folder replaced as a whole)."""
+        return self.predictions_dir / partition
+
+    def raw_partition(self, partition: str) -> Path:
+        return self.raw_dir / partition
+
     @property
     def champion_pointer(self) -> Path:
         """A small YAML naming the promoted model; swapped atomically on promotion."""
-        return self.models_dir / "champion.yaml"
+        return self.models_dir / CHAMPION_FILE
+
+    @property
+    def promotion_lock(self) -> Path:
+        return self.models_dir / PROMOTION_LOCK_FILE
+
+
+def version_of(model_path: Path) -> str:
+    """The version in a model file's name, or a one-line error for any other name."""
+    match = MODEL_NAME.match(Path(model_path).name)
+    if not match:
+        raise RtbError(f"{model_path}: expected a model file named pipeline_<YYYYMMDDTHHMMSSZ>.pkl")
+    return match.group(1)
 
 
 def new_version(now: datetime | None = None) -> str:
     """A UTC timestamp version such as 20260101T060000Z."""
     return (now or datetime.now(UTC)).strftime(VERSION_FORMAT)
+
+
+def version_time(version: str) -> datetime | None:
+    """When a version was made (versions are UTC timestamps), or None for another name."""
+    try:
+        return datetime.strptime(version, VERSION_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def claim_version(taken: Callable[[str], bool]) -> str:

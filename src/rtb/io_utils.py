@@ -14,9 +14,11 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -72,6 +74,57 @@ def atomic_path(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.close(fd)
+
+
+def replace_set(final: Path, write: Callable[[Path], object]) -> Path:
+    """Publish a folder of files as one unit that replaces the previous one atomically.
+
+    `final` is a symlink to a hidden sibling folder `.<name>.<token>`. `write(folder)` fills a
+    new such folder; then a temporary symlink to it is renamed over `final`, one rename, so a
+    reader sees the old set or the new one, never a mix, and never none; then the old folder
+    is removed. A writer that dies leaves only a hidden folder nothing points to, which the
+    next writer removes once it is older than `STALE_TMP_SECONDS`.
+    """
+    final = Path(final)
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RtbError(f"{parent}: cannot create output folder ({exc.strerror})") from exc
+    if final.exists() and not final.is_symlink():
+        raise RtbError(f"{final}: exists and is not a published set (a symlink); refusing to replace it")
+    previous = parent / os.readlink(final) if final.is_symlink() else None
+    _remove_stale_sets(final, keep=previous)
+    folder = parent / f".{final.name}.{time.strftime('%Y%m%dT%H%M%S')}.{secrets.token_hex(4)}"
+    link = parent / f"{TMP_PREFIX}{final.name}.{secrets.token_hex(4)}"
+    try:
+        folder.mkdir()
+        write(folder)
+        _fsync_dir(folder)
+        link.symlink_to(folder.name)
+        os.replace(link, final)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        link.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise RtbError(f"{final}: write failed ({exc.strerror or exc})") from exc
+        raise
+    if previous is not None and previous != folder:
+        shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def _remove_stale_sets(final: Path, keep: Path | None, older_than: float = STALE_TMP_SECONDS) -> None:
+    now = time.time()
+    for candidate in final.parent.glob(f".{final.name}.*"):
+        try:
+            if candidate == keep or now - candidate.stat().st_mtime < older_than:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        log.info("%s: removed an unpublished set left by a dead writer", candidate)
 
 
 def remove_stale_tmp_files(folder: Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:

@@ -14,7 +14,7 @@ BAR_WIDTH = 24
 
 
 class Progress:
-    """Counts the steps of one stage; `advance` after each, `finish` for the summary line."""
+    """Counts the steps of one stage; `advance` after each."""
 
     def __init__(self, log: logging.Logger, label: str, total: int) -> None:
         self.log = log
@@ -37,7 +37,3 @@ class Progress:
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
             sys.stderr.write(f"{self.label} [{bar}] {self.done}/{self.total} {self.elapsed:5.1f} s\n")
             sys.stderr.flush()
-
-    def finish(self, summary: str) -> None:
-        """The one-line summary every stage ends with."""
-        self.log.info("%s finished in %.1f s: %s", self.label, self.elapsed, summary)

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import small_raw_frame, write_raw
+from conftest import rewrite_hand_over, small_raw_frame, write_raw
 
 from rtb.config import ProjectPaths
 from rtb.models.registry import load_champion_entry
@@ -27,7 +28,6 @@ from .faultkit import (
     Mounter,
     Template,
     copy_project,
-    shuffle_target,
 )
 
 if sys.platform != "linux":
@@ -65,12 +65,14 @@ def trained_template(tmp_path_factory: pytest.TempPathFactory, generated: Path) 
     for split in ("train", "test"):
         run_make_dataset(paths, split, cfg)
         run_preprocess(paths, split, cfg)
-    shuffle_target(paths.processed("train"), cfg.target, seed=5)
+    rewrite_hand_over(paths, "train", lambda frame: frame.assign(**{
+        cfg.target: np.random.default_rng(5).permutation(frame[cfg.target].to_numpy())
+    }))
     run_training(paths, cfg, cv_folds=2, seed=0)
-    worse = load_champion_entry(paths.models_dir)
+    worse = load_champion_entry(paths)
     run_preprocess(paths, "train", cfg)
     run_training(paths, cfg, cv_folds=2, seed=0)
-    champion = load_champion_entry(paths.models_dir)
+    champion = load_champion_entry(paths)
     assert champion.version != worse.version, "the real model must beat the shuffled-label one"
     return Template(paths, worse, champion)
 
@@ -114,6 +116,7 @@ def big_project(trained: Template, big_test_template: ProjectPaths) -> Template:
     os.link(big_test_template.raw_dir / raw.name, raw)
     shutil.copy2(big_test_template.interim("test"), paths.interim("test"))
     shutil.copy2(big_test_template.processed("test"), paths.processed("test"))
+    shutil.copy2(big_test_template.processed_arrow("test"), paths.processed_arrow("test"))
     return trained
 
 

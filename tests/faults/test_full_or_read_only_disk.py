@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from rtb.config import version_of
 from rtb.io_utils import sha256_file
-from rtb.models.registry import version_of
 
 from .faultkit import (
     assert_prediction_set,
@@ -42,6 +42,7 @@ def test_full_disk_under_processed(big_project, trained_template, mounter, run_c
     mounter.tmpfs(paths.processed_dir, "2m")
     # The previous (small) processed test set lives on the small disk; the new one is ~48 MB.
     shutil.copy2(trained_template.paths.processed("test"), paths.processed("test"))
+    shutil.copy2(trained_template.paths.processed_arrow("test"), paths.processed_arrow("test"))
     before = final_files(paths.root)
 
     result = run_cli("preprocess", "--split", "test", "--project-dir", str(paths.root))

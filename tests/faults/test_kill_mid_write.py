@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
+from rtb.config import version_of
 from rtb.io_utils import sha256_file
-from rtb.models.registry import load_champion_entry, version_of
+from rtb.models.registry import load_champion_entry
 
 from .faultkit import (
     BIG_TEST_ROWS,
@@ -53,7 +54,7 @@ def test_kill_while_writing_the_processed_csv(big_project, run_cli, tmp_path: Pa
         assert rerun.code == 0, rerun.stderr
         scored = run_cli("predict", "--project-dir", str(root))
         assert scored.code == 0, scored.stderr
-    assert "test_df.csv" in opened.names(IN_OPEN)
+    assert "test_df.arrow" in opened.names(IN_OPEN)  # the hand-over predict reads
     assert killed.tmp.name not in opened.names(IN_OPEN)
     # The rerun rebuilds the very same bytes: the kill cost time, not data.
     assert sha256_file(paths.processed("test")) == killed.before["data/processed/test_df.csv"]
@@ -92,7 +93,7 @@ def test_kill_while_training_writes(trained, run_cli, tmp_path: Path, folder_nam
             refused = run_cli("predict", "--model", str(model), "--project-dir", str(root))
             assert refused.code == 1
             assert "no training report" in error_line(refused.stderr)
-    champion = load_champion_entry(paths.models_dir)
+    champion = load_champion_entry(paths)
     assert (champion.path, champion.sha256) == (trained.champion.path, trained.champion.sha256)
 
     # The next run succeeds (the dead run's promotion lock died with it) and opens no leftover.
@@ -110,7 +111,7 @@ def test_kill_while_training_writes(trained, run_cli, tmp_path: Path, folder_nam
     opened = models_opened.names(IN_OPEN) | reports_opened.names(IN_OPEN)
     assert not opened & stale, opened & stale
     # Same data and seed as the champion: not better, so the default model is still the same.
-    champion = load_champion_entry(paths.models_dir)
+    champion = load_champion_entry(paths)
     assert (champion.path, champion.sha256) == (trained.champion.path, trained.champion.sha256)
     assert killed.tmp.exists()
 

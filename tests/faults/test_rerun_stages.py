@@ -4,45 +4,33 @@ the byte, model and prediction stages add a new version each time and never mix 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.feather as feather
 import yaml
 
-from rtb.data.preprocessing import processed_twin, read_processed_twin
+from rtb.config import version_of
 from rtb.io_utils import sha256_file
-from rtb.models.registry import load_champion_entry, version_of
+from rtb.models.registry import load_champion_entry
 
 from .faultkit import assert_prediction_set, assert_unchanged, final_files, tmp_files
 
 
 def test_make_dataset_and_preprocess_twice_give_identical_bytes(trained, run_cli) -> None:
-    """Byte-identical data; the processed CSV's Arrow twin holds the same table but records the
-    CSV's new mtime (that is how readers know the twin still matches), so it is compared by
-    content and checked to be trusted again."""
+    """Byte-identical data: the interim file, the processed hand-over and its CSV export."""
     paths = trained.paths
-    before = _without_twins(final_files(paths.root))
-    twins_before = {split: _twin_table(paths, split) for split in ("train", "test")}
+    before = final_files(paths.root)
     for split in ("train", "test"):
         fingerprints = []
         for _ in range(2):
             for stage in ("make-dataset", "preprocess"):
                 result = run_cli(stage, "--split", split, "--project-dir", str(paths.root))
                 assert result.code == 0, result.stderr
-            fingerprints.append((sha256_file(paths.interim(split)), sha256_file(paths.processed(split))))
+            fingerprints.append(tuple(
+                sha256_file(path)
+                for path in (paths.interim(split), paths.processed(split), paths.processed_arrow(split))
+            ))
         assert fingerprints[0] == fingerprints[1]
-        assert _twin_table(paths, split).equals(twins_before[split])
-        assert read_processed_twin(paths.processed(split), ["timestamp"]) is not None
     # ... and identical to what the same stages wrote when the project was built.
-    assert _without_twins(final_files(paths.root)) == before
+    assert final_files(paths.root) == before
     assert not tmp_files(paths.interim_dir) | tmp_files(paths.processed_dir)
-
-
-def _without_twins(files: dict[str, str]) -> dict[str, str]:
-    return {name: digest for name, digest in files.items() if not name.endswith("_df.arrow")}
-
-
-def _twin_table(paths, split: str):
-    table = feather.read_table(processed_twin(paths.processed(split)))
-    return table.replace_schema_metadata(None)
 
 
 def test_training_twice_gives_two_versions_that_never_mix(trained, run_cli) -> None:
@@ -65,11 +53,11 @@ def test_training_twice_gives_two_versions_that_never_mix(trained, run_cli) -> N
         assert report["version"] == version
         assert report["artifacts"]["model"] == (paths.root / name).name
         assert report["artifacts"]["model_sha256"] == after[name]
-        assert report["artifacts"]["input_sha256"] == after["data/processed/train_df.csv"]
+        assert report["artifacts"]["input_sha256"] == after["data/processed/train_df.arrow"]
         for kind in ("roc", "reliability", "deciles", "importance"):
             assert (paths.reports_dir / f"report_{version}_{kind}.png").exists()
     # The champion (replaced only if a rerun was strictly better) is intact either way.
-    champion = load_champion_entry(paths.models_dir)
+    champion = load_champion_entry(paths)
     if paths.champion_pointer.read_bytes() == champion_before:
         assert champion.path == trained.champion.path
     else:

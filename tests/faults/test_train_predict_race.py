@@ -41,7 +41,7 @@ def test_prediction_paused_across_a_promotion_keeps_its_model(
     """Deterministic interleaving: predict is frozen (SIGSTOP) right after it opened the champion
     pointer or the model, a whole training promotes another model, then predict resumes."""
     paths = trained.paths
-    registry.promote(paths.models_dir, trained.worse, previous=None)
+    registry.promote(paths, trained.worse, previous=None)
     stop_on = "champion.yaml" if pause_after_opening == "champion.yaml" else trained.worse.path.name
     log = tmp_path / "predict.log"
 
@@ -57,7 +57,7 @@ def test_prediction_paused_across_a_promotion_keeps_its_model(
             with deadline(300, "training while predict is paused"):
                 trained_now = run_cli("train", "--cv-folds", "2", "--project-dir", str(paths.root))
             assert trained_now.code == 0, trained_now.stderr
-            promoted = registry.load_champion_entry(paths.models_dir)
+            promoted = registry.load_champion_entry(paths)
             assert promoted.path != trained.worse.path, "the training was meant to promote"
         finally:
             os.kill(predict.pid, signal.SIGCONT)
@@ -75,7 +75,7 @@ def test_train_and_predict_running_together(trained, tmp_path: Path) -> None:
     paths = trained.paths
     used: dict[str, int] = {}
     for round_ in range(2):
-        registry.promote(paths.models_dir, trained.worse, previous=None)
+        registry.promote(paths, trained.worse, previous=None)
         train_log = tmp_path / f"train{round_}.log"
         train = start_rtb("train", "--cv-folds", "2", "--project-dir", str(paths.root), log=train_log)
         try:
@@ -86,7 +86,7 @@ def test_train_and_predict_running_together(trained, tmp_path: Path) -> None:
                     break
         finally:
             assert train.wait(timeout=300) == 0, tail(train_log)
-        assert registry.load_champion_entry(paths.models_dir).path != trained.worse.path
+        assert registry.load_champion_entry(paths).path != trained.worse.path
 
     entries = {entry.path.name: entry for entry in _models(paths)}
     for sidecar in _sidecars(paths):
@@ -97,7 +97,8 @@ def test_train_and_predict_running_together(trained, tmp_path: Path) -> None:
 
 
 def _models(paths) -> list[registry.ModelEntry]:
-    return [registry.entry_from_report(path) for path in sorted(paths.models_dir.glob("pipeline_*.pkl"))]
+    models = sorted(paths.models_dir.glob("pipeline_*.pkl"))
+    return [registry.entry_from_report(paths, path) for path in models]
 
 
 def test_champion_pointer_is_never_seen_half_written(trained) -> None:
@@ -112,8 +113,8 @@ def test_champion_pointer_is_never_seen_half_written(trained) -> None:
         try:
             for i in range(150):
                 entry = (trained.worse, trained.champion)[i % 2]
-                with registry.promotion_lock(paths.models_dir):
-                    registry.promote(paths.models_dir, entry, previous=None)
+                with registry.promotion_lock(paths):
+                    registry.promote(paths, entry, previous=None)
         except Exception as exc:  # reported by the main thread
             errors.append(exc)
         finally:
@@ -122,7 +123,7 @@ def test_champion_pointer_is_never_seen_half_written(trained) -> None:
     def resolve_until_stopped() -> None:
         try:
             while not stop.is_set():
-                seen.append(registry.load_champion_entry(paths.models_dir))
+                seen.append(registry.load_champion_entry(paths))
         except Exception as exc:
             errors.append(exc)
             stop.set()

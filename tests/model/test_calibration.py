@@ -15,10 +15,10 @@ from rtb.config import ProjectPaths
 from rtb.data.make_dataset import run_make_dataset
 from rtb.data.preprocessing import read_processed, run_preprocess
 from rtb.dataset_config import load_dataset_config
-from rtb.models import make_training
+from rtb.features import feature_frame
 from rtb.models.calibration import cross_fitted_platt, fit_platt
 from rtb.models.encoders import fit_vocabulary
-from rtb.models.pipeline import feature_frame
+from rtb.models.training import TrainingLimits, refit_on_all_rows, select_model
 
 
 @pytest.mark.parametrize(("rows", "slope", "intercept"), [(200_000, 0.8, 0.3), (3_000, 1.6, -1.0)])
@@ -59,7 +59,7 @@ def test_vocabulary_from_category_codes_equals_the_string_count() -> None:
     assert "never-seen" not in fit_vocabulary(category, 1)
 
 
-def test_refit_on_all_rows_keeps_the_calibration(tmp_path, monkeypatch) -> None:
+def test_refit_on_all_rows_keeps_the_calibration(tmp_path) -> None:
     """The shipped model is refitted on every row with a different share of negatives kept;
     the Platt intercept must move by exactly that sampling shift (here ~1 in log-odds, a 2.6x
     error in predicted rates if it were forgotten)."""
@@ -68,14 +68,12 @@ def test_refit_on_all_rows_keeps_the_calibration(tmp_path, monkeypatch) -> None:
     write_raw(small_raw_frame(6000, seed=11), paths.raw_dir / "training_data.csv.gz")
     run_make_dataset(paths, "train", cfg)
     run_preprocess(paths, "train", cfg)
-    frame = read_processed(paths.processed("train"), cfg, require_target=True, with_id=False)
-    monkeypatch.setattr(make_training, "MAX_FIT_NEGATIVES", 800)
-    monkeypatch.setattr(make_training, "REFIT_MAX_NEGATIVES", 3000)
+    frame = read_processed(paths.processed_arrow("train"), cfg, require_target=True, with_id=False)
+    limits = TrainingLimits(fit_max_negatives=800, refit_max_negatives=3000)
 
-    result = make_training.train(frame, cfg, candidates=("logreg_target_encoded",))
-    result.wait_for_cv()
+    result = select_model(frame, cfg, limits=limits, candidates=("logreg_target_encoded",))
+    model, refit = refit_on_all_rows(result, cfg, seed=0, limits=limits)
 
-    refit = result.refit
     assert refit["of_rows"] == len(frame) and refit["rows"] > 2 * result.selected.fit_rows
     shift = np.log(refit["negatives_kept_share"] / refit["early_fit_negatives_kept_share"])
     assert shift > 0.8
@@ -83,7 +81,7 @@ def test_refit_on_all_rows_keeps_the_calibration(tmp_path, monkeypatch) -> None:
         result.selected.calibration["intercept"] + result.selected.calibration["slope"] * shift
     )
     y = result.frame["install"].to_numpy()
-    p = result.model.predict_proba(feature_frame(result.frame, cfg))[:, 1]
+    p = model.predict_proba(feature_frame(result.frame, cfg))[:, 1]
     assert p.mean() / y.mean() == pytest.approx(1.0, abs=0.15)
-    unshifted = result.model.set_params(model__intercept=result.selected.calibration["intercept"])
+    unshifted = model.set_params(model__intercept=result.selected.calibration["intercept"])
     assert unshifted.predict_proba(feature_frame(result.frame, cfg))[:, 1].mean() / y.mean() < 0.6

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import small_raw_frame, write_raw
+from conftest import rewrite_hand_over, small_raw_frame, write_raw
 
 from rtb.config import ProjectPaths
 from rtb.data.make_dataset import run_make_dataset
@@ -32,16 +32,17 @@ def _scramble_labels(paths: ProjectPaths, *, early_only: bool = False) -> None:
     """Same rows, labels shuffled: whatever is learned from them is noise. With `early_only`
     the latest 20% (the holdout) keeps its real labels, so a model fitted on the noisy early
     rows is judged on real data."""
-    processed = paths.processed("train")
-    frame = pd.read_csv(processed, dtype=str)
-    rows = np.arange(len(frame))
-    if early_only:
-        order = np.argsort(pd.to_datetime(frame["timestamp"]).to_numpy(), kind="stable")
-        rows = order[: int(len(frame) * 0.8)]
-    labels = frame["install"].to_numpy().copy()
-    labels[rows] = np.random.default_rng(0).permutation(labels[rows])
-    frame["install"] = labels
-    frame.to_csv(processed, index=False)
+    def scramble(frame: pd.DataFrame) -> pd.DataFrame:
+        rows = np.arange(len(frame))
+        if early_only:
+            order = np.argsort(pd.to_datetime(frame["timestamp"]).to_numpy(), kind="stable")
+            rows = order[: int(len(frame) * 0.8)]
+        labels = frame["install"].to_numpy().copy()
+        labels[rows] = np.random.default_rng(0).permutation(labels[rows])
+        frame["install"] = labels
+        return frame
+
+    rewrite_hand_over(paths, "train", scramble)
 
 
 def _report(paths: ProjectPaths, report_path) -> dict:
@@ -50,7 +51,7 @@ def _report(paths: ProjectPaths, report_path) -> dict:
 
 def test_worse_model_is_kept_but_not_promoted(paths) -> None:
     first = _report(paths, run_training(paths, CFG, cv_folds=3, seed=0))
-    champion_before = load_champion_entry(paths.models_dir)
+    champion_before = load_champion_entry(paths)
     pointer_before = paths.champion_pointer.read_bytes()
     _scramble_labels(paths, early_only=True)
 
@@ -60,7 +61,7 @@ def test_worse_model_is_kept_but_not_promoted(paths) -> None:
     assert second["promotion"]["promoted"] is False
     assert "not better" in second["promotion"]["reason"]
     assert paths.champion_pointer.read_bytes() == pointer_before
-    assert load_champion_entry(paths.models_dir) == champion_before
+    assert load_champion_entry(paths) == champion_before
     rejected = paths.models_dir / second["artifacts"]["model"]
     assert rejected.exists() and rejected != champion_before.path
     uplift = second["promotion"]["uplift_vs_champion"]
@@ -70,14 +71,14 @@ def test_worse_model_is_kept_but_not_promoted(paths) -> None:
 def test_better_model_replaces_the_champion_and_remembers_it(paths) -> None:
     _scramble_labels(paths)
     run_training(paths, CFG, cv_folds=3, seed=0)
-    weak = load_champion_entry(paths.models_dir)
+    weak = load_champion_entry(paths)
     run_preprocess(paths, "train", CFG)  # the real labels again
 
     report = _report(paths, run_training(paths, CFG, cv_folds=3, seed=0))
 
     assert report["promotion"]["promoted"] is True
     assert report["promotion"]["uplift_vs_champion"]["uplift"] > 0
-    champion = load_champion_entry(paths.models_dir)
+    champion = load_champion_entry(paths)
     assert champion.version == report["version"] != weak.version
     pointer = yaml.safe_load(paths.champion_pointer.read_text())
     assert pointer["previous"]["version"] == weak.version

@@ -11,10 +11,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rtb.data.preprocessing import derive_features
+from rtb.config import ProjectPaths
 from rtb.dataset_config import load_dataset_config
 from rtb.errors import RtbError
-from rtb.models.pipeline import LogitRecalibrated, build_pipeline, feature_frame
+from rtb.features import feature_frame, rows_frame
+from rtb.models.pipeline import LogitRecalibrated, build_pipeline
 from rtb.models.report_plots import KINDS, feature_names, write_report_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,7 +68,9 @@ def _raw_frame(rows: int, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def fitted() -> dict[str, object]:
     cfg = load_dataset_config("rtb")
-    frame = derive_features(_raw_frame(ROWS), cfg)
+    raw = _raw_frame(ROWS)
+    records = raw.astype(object).where(raw.notna(), None).to_dict("records")  # gaps as None
+    frame = rows_frame(records, cfg).assign(**{cfg.target: raw[cfg.target].to_numpy()})
     train, holdout = frame.iloc[: ROWS * 4 // 5], frame.iloc[ROWS * 4 // 5 :]
     y_train = train[cfg.target].to_numpy()
     models = {
@@ -97,21 +100,21 @@ def test_writes_four_pngs_for_each_model_family(fitted, tmp_path, name, caplog) 
     version = f"20190108T000000Z-{name}"
     with caplog.at_level(logging.INFO, logger="rtb.models.report_plots"):
         paths = write_report_plots(
-            tmp_path, version, fitted["y"], fitted["p"][name], fitted["models"][name],
+            ProjectPaths(tmp_path), version, fitted["y"], fitted["p"][name], fitted["models"][name],
             candidates=fitted["p"],  # as training passes them: the selected model included
         )
-    _assert_pngs(paths, tmp_path, version)
+    _assert_pngs(paths, ProjectPaths(tmp_path).reports_dir, version)
     assert all(str(path) in caplog.text for path in paths)
 
 
 def test_refuses_to_overwrite_a_version(fitted, tmp_path) -> None:
     args = (fitted["y"], fitted["p"]["logreg_onehot"], fitted["models"]["logreg_onehot"])
-    first = write_report_plots(tmp_path, "v1", *args)
+    first = write_report_plots(ProjectPaths(tmp_path), "v1", *args)
     before = {path: path.read_bytes() for path in first}
     with pytest.raises(RtbError, match="report_v1_roc.png.*never overwritten"):
-        write_report_plots(tmp_path, "v1", *args)
+        write_report_plots(ProjectPaths(tmp_path), "v1", *args)
     assert {path: path.read_bytes() for path in first} == before
-    assert len(write_report_plots(tmp_path, "v2", *args)) == 4
+    assert len(write_report_plots(ProjectPaths(tmp_path), "v2", *args)) == 4
 
 
 def test_feature_names_come_from_the_encoders(fitted) -> None:
@@ -135,7 +138,7 @@ def test_falls_back_to_positional_names_when_pipeline_cannot_name_features(tmp_p
     assert feature_names(model, 3) == ["x0", "x1", "x2"]
     scaled = Pipeline([("scale", StandardScaler()), ("model", LogitRecalibrated(
         LogisticRegression()))]).fit(X, y)
-    paths = write_report_plots(tmp_path, "plain", y, scaled.predict_proba(X)[:, 1], scaled)
+    paths = write_report_plots(ProjectPaths(tmp_path), "plain", y, scaled.predict_proba(X)[:, 1], scaled)
     assert len(paths) == 4
 
 
@@ -151,11 +154,11 @@ def test_bad_inputs_name_the_problem(fitted, tmp_path) -> None:
     model = fitted["models"]["logreg_onehot"]
     y, p = fitted["y"], fitted["p"]["logreg_onehot"]
     with pytest.raises(RtbError, match="y_holdout has .* rows but p_holdout has"):
-        write_report_plots(tmp_path, "v", y, p[:-1], model)
+        write_report_plots(ProjectPaths(tmp_path), "v", y, p[:-1], model)
     with pytest.raises(RtbError, match="only label"):
-        write_report_plots(tmp_path, "v", np.zeros_like(y), p, model)
+        write_report_plots(ProjectPaths(tmp_path), "v", np.zeros_like(y), p, model)
     with pytest.raises(RtbError, match=r"candidates\['other'\]: has"):
-        write_report_plots(tmp_path, "v", y, p, model, candidates={"other": p[:10]})
+        write_report_plots(ProjectPaths(tmp_path), "v", y, p, model, candidates={"other": p[:10]})
     with pytest.raises(RtbError, match="p_holdout: expected finite probabilities"):
-        write_report_plots(tmp_path, "v", y, np.where(p > 0.5, np.nan, p) + np.nan, model)
+        write_report_plots(ProjectPaths(tmp_path), "v", y, np.where(p > 0.5, np.nan, p) + np.nan, model)
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import small_raw_frame, write_raw
+from conftest import rewrite_hand_over, small_raw_frame, write_raw
 
 from rtb.io_utils import sha256_file
 from rtb.models.registry import load_champion_entry
@@ -84,7 +84,7 @@ def test_train_writes_versioned_model_report_and_champion(trained) -> None:
             assert metric in report[section]
     assert set(report["cv"]["log_loss"]) == {"mean", "std"}
     assert report["artifacts"]["model_sha256"] == sha256_file(models[0])
-    assert report["artifacts"]["input_sha256"] == sha256_file(trained.processed("train"))
+    assert report["artifacts"]["input_sha256"] == sha256_file(trained.processed_arrow("train"))
     assert report["data"]["rows"] == 600
     assert report["promotion"]["promoted"] is True
     assert set(report["candidates"]) >= {"logreg_onehot", "gbm_target_encoded"}
@@ -92,7 +92,7 @@ def test_train_writes_versioned_model_report_and_champion(trained) -> None:
     assert "platform" in report["calibration"]["by_segment"]
     assert report["environment"]["libraries"]["scikit-learn"]
     assert any(key.endswith("C") for key in report["params"])
-    assert load_champion_entry(trained.models_dir).path == models[0]
+    assert load_champion_entry(trained).path == models[0]
     plots = sorted(p.name for p in trained.reports_dir.glob("report_*.png"))
     assert [name.rsplit("_", 1)[1] for name in plots] == [
         "deciles.png", "importance.png", "reliability.png", "roc.png"
@@ -112,7 +112,7 @@ def test_predict_writes_probabilities_ids_and_model_sidecar(trained, run_cli) ->
     assert table["id"].tolist() == test_rows["id"].astype(str).tolist()
     np.testing.assert_allclose(table["probability"], probabilities)
     sidecar = yaml.safe_load(npy[0].with_suffix(".yaml").read_text())
-    champion = load_champion_entry(trained.models_dir)
+    champion = load_champion_entry(trained)
     assert sidecar["model"]["sha256"] == champion.sha256 == sha256_file(champion.path)
     assert "using model " + champion.path.name in result.log
 
@@ -145,7 +145,7 @@ def _tamper(kind: str, model: Path) -> None:
     ],
 )
 def test_broken_model_is_refused_and_nothing_written(trained, run_cli, kind, expected) -> None:
-    model = load_champion_entry(trained.models_dir).path
+    model = load_champion_entry(trained).path
     _tamper(kind, model)
     result = run_cli("predict", "--project-dir", str(trained.root))
     assert result.code == 1
@@ -156,7 +156,7 @@ def test_broken_model_is_refused_and_nothing_written(trained, run_cli, kind, exp
 
 
 def test_model_option_needs_a_report_recording_its_sha(trained, run_cli, tmp_path) -> None:
-    champion = load_champion_entry(trained.models_dir).path
+    champion = load_champion_entry(trained).path
     stray = trained.models_dir / "pipeline_20000101T000000Z.pkl"
     shutil.copy(champion, stray)
     result = run_cli("predict", "--project-dir", str(trained.root), "--model", str(stray))
@@ -167,7 +167,7 @@ def test_model_option_needs_a_report_recording_its_sha(trained, run_cli, tmp_pat
 
 
 def test_report_with_mismatching_sha_blocks_the_model(trained, run_cli) -> None:
-    champion = load_champion_entry(trained.models_dir)
+    champion = load_champion_entry(trained)
     report = trained.report(champion.version)
     payload = yaml.safe_load(report.read_text())
     payload["artifacts"]["model_sha256"] = "0" * 64
@@ -178,9 +178,7 @@ def test_report_with_mismatching_sha_blocks_the_model(trained, run_cli) -> None:
 
 
 def test_processed_file_of_another_dataset_is_rejected(trained, run_cli) -> None:
-    processed = trained.processed("train")
-    frame = pd.read_csv(processed).drop(columns=["deviceType"])
-    frame.to_csv(processed, index=False)
+    rewrite_hand_over(trained, "train", lambda frame: frame.drop(columns=["deviceType"]))
     result = run_cli("train", "--project-dir", str(trained.root))
     assert result.code == 1
     assert "missing column(s) ['deviceType']" in error_line(result.stderr)
@@ -191,19 +189,20 @@ def test_pickled_pipeline_is_the_whole_scoring_path(trained) -> None:
     from rtb.dataset_config import load_dataset_config
 
     cfg = load_dataset_config("rtb")
-    pipeline = joblib.load(load_champion_entry(trained.models_dir).path)
-    frame = read_processed(trained.processed("test"), cfg, require_target=False)
+    pipeline = joblib.load(load_champion_entry(trained).path)
+    frame = read_processed(trained.processed_arrow("test"), cfg, require_target=False)
     probabilities = pipeline.predict_proba(frame)[:, 1]
     assert probabilities.shape == (len(frame),)
     assert pipeline.steps[0][0] == "features"
 
 
 def test_too_few_installs_to_calibrate_is_one_clear_line(trained, run_cli) -> None:
-    processed = trained.processed("train")
-    frame = pd.read_csv(processed)
-    positives = np.flatnonzero(frame["install"].to_numpy() == 1)
-    frame.loc[positives[3:], "install"] = 0
-    frame.to_csv(processed, index=False)
+    def keep_three_installs(frame: pd.DataFrame) -> pd.DataFrame:
+        positives = np.flatnonzero(frame["install"].to_numpy() == 1)
+        frame.loc[positives[3:], "install"] = 0
+        return frame
+
+    rewrite_hand_over(trained, "train", keep_three_installs)
     models_before = sorted(trained.models_dir.glob("pipeline_*.pkl"))
     result = run_cli("train", "--project-dir", str(trained.root))
     assert result.code == 1
@@ -218,13 +217,14 @@ def test_scoring_in_parallel_chunks_equals_scoring_at_once(trained, monkeypatch,
     in the model would show up here as a differing probability."""
     from rtb.data.preprocessing import read_processed
     from rtb.dataset_config import load_dataset_config
+    from rtb.features import feature_frame
     from rtb.models import make_predicting
-    from rtb.models.pipeline import build_pipeline, feature_frame
+    from rtb.models.pipeline import build_pipeline
 
     cfg = load_dataset_config("rtb")
-    train = read_processed(trained.processed("train"), cfg, require_target=True)
+    train = read_processed(trained.processed_arrow("train"), cfg, require_target=True)
     pipeline = build_pipeline(candidate, cfg).fit(feature_frame(train, cfg), train["install"])
-    test = read_processed(trained.processed("test"), cfg, require_target=False)
+    test = read_processed(trained.processed_arrow("test"), cfg, require_target=False)
     at_once = pipeline.predict_proba(feature_frame(test, cfg))[:, 1]
     monkeypatch.setattr(make_predicting, "CHUNK_ROWS", 7)
     for _ in range(3):

@@ -4,16 +4,17 @@ Everything downstream trusts `data/interim/<split>.arrow`: ids are unique, times
 UTC, numbers are numbers, the target is 0/1 with both classes present, categoricals are
 dictionary-encoded strings. The raw file's sha256 is stored in the schema metadata so later
 stages can tell which input they came from. The interim file is uncompressed Arrow IPC
-(Feather v2) rather than Parquet: it is written and memory-mapped back in a fraction of a
-second (Parquet with lz4 took 1.7 s to write and 1.6 s to read at 3.7M rows), and it is a
-hand-over between two of our own stages, not a file users keep.
+(Feather v2) rather than Parquet: it is written and memory-mapped back without encoding or
+decoding anything (bench/README.md has the figures), and it is a hand-over between two of
+our own stages, not a file users keep.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,16 +23,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 
+from rtb import partitions
 from rtb.config import ProjectPaths
 from rtb.data.raw_reader import parse_timestamps, read_raw_table
 from rtb.dataset_config import ROW_ID, DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file
+from rtb.overlap import in_parallel
 
 log = logging.getLogger(__name__)
 
 META_SOURCE_SHA = b"rtb.source_sha256"
 META_SOURCE_FILE = b"rtb.source_file"
+META_SOURCE_FILES = b"rtb.source_files"  # a partition's files and their sha256, as JSON
 
 
 def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
@@ -39,25 +43,21 @@ def validate_and_type(table: pa.Table, path: Path, cfg: DatasetConfig, split: st
     if table.num_rows == 0:
         raise RtbError(f"{path}: no data rows after the header")
     columns: dict[str, pa.ChunkedArray] = {}
-    with ThreadPoolExecutor(max_workers=1) as checker:
-        uniqueness = None
-        if cfg.id:
-            ids = table.column(cfg.id)
-            if ids.null_count:
-                row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                raise RtbError(f"{path}: column {cfg.id!r} line {row + 2}: expected an id, got empty")
-            # The uniqueness check is the slowest one (0.3-1 s at 3.7M ids) and runs in numpy
-            # and Arrow kernels without the GIL: it overlaps everything else, and its error,
-            # if any, still comes first.
-            uniqueness = checker.submit(_check_unique_ids, path, cfg.id, ids)
-            columns[cfg.id] = ids
-        else:
-            columns[ROW_ID] = pa.chunked_array([pa.array(np.arange(table.num_rows, dtype=np.int64))])
-        try:
-            _type_other_columns(table, path, cfg, split, columns)
-        finally:
-            if uniqueness is not None:
-                uniqueness.result()
+    if not cfg.id:
+        columns[ROW_ID] = pa.chunked_array([pa.array(np.arange(table.num_rows, dtype=np.int64))])
+        _type_other_columns(table, path, cfg, split, columns)
+        return pa.table(columns)
+    ids = table.column(cfg.id)
+    if ids.null_count:
+        row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RtbError(f"{path}: column {cfg.id!r} line {row + 2}: expected an id, got empty")
+    columns[cfg.id] = ids
+    # The uniqueness check is the slowest one and runs in numpy and Arrow kernels without
+    # the GIL: it overlaps everything else, and its error, if any, still comes first.
+    in_parallel(
+        lambda: _check_unique_ids(path, cfg.id, ids),
+        lambda: _type_other_columns(table, path, cfg, split, columns),
+    )
     return pa.table(columns)
 
 
@@ -85,7 +85,7 @@ def _type_other_columns(
 
 
 def _has_control_bytes(column: pa.ChunkedArray) -> bool:
-    """Whether any byte of the column's text is below 0x20: a scan of the raw buffer, ~10x
+    """Whether any byte of the column's text is below 0x20: a scan of the raw buffer, far
     cheaper than the regex, which then runs only to confirm and find the row (tabs, CR and LF
     are below 0x20 too but allowed, hence the confirmation)."""
     for chunk in column.chunks:
@@ -152,7 +152,7 @@ def _fixed_width_hashes(ids: pa.ChunkedArray) -> np.ndarray | None:
     """A 64-bit hash of every id when all ids have the same byte length (as log ids do), else None.
 
     Each id's bytes are read straight from Arrow's buffer as 8-byte words and folded through
-    MurmurHash3's finaliser. Sorting 3.7M such hashes takes a third of the time of Arrow's
+    MurmurHash3's finaliser. Sorting such hashes is much cheaper than Arrow's
     hash-table `unique()` on the strings, and most files have no repeated id at all.
     """
     lengths = pc.min_max(pc.binary_length(ids)).as_py()
@@ -216,17 +216,22 @@ def _checked_target(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunke
 
 
 def make_dataset(raw_path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
-    """Pure core: raw file -> validated, typed table (with the source sha256 in its metadata).
+    """Core: raw file -> validated, typed table."""
+    return validate_and_type(read_raw_table(raw_path, cfg, split), raw_path, cfg, split)
 
-    The file's identity (inode, size, mtime) is compared before and after reading, so a raw
-    file replaced while it is being read fails the run instead of yielding a mix of two files.
+
+def read_and_fingerprint(raw_path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
+    """`make_dataset`, with the raw file's sha256 and name in the table's metadata.
+
+    The sha256 is computed while the file is parsed. The file's identity (inode, size, mtime)
+    is compared before and after, so a raw file replaced while it is being read fails the run
+    instead of yielding the rows of one file with the sha256 of another.
     """
     before = _identity(raw_path)
-    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the parse
-        hashing = hasher.submit(sha256_file, raw_path) if raw_path.is_file() else None
-        table = read_raw_table(raw_path, cfg, split)
-        typed = validate_and_type(table, raw_path, cfg, split)
-        digest = hashing.result() if hashing else ""
+    typed, digest = in_parallel(
+        lambda: make_dataset(raw_path, cfg, split),
+        lambda: sha256_file(raw_path) if raw_path.is_file() else "",
+    )
     if _identity(raw_path) != before:
         raise RtbError(f"{raw_path}: file changed while it was being read; run again")
     metadata = {
@@ -244,28 +249,70 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+def read_partition(partition: Path, cfg: DatasetConfig) -> pa.Table:
+    """Every file of one complete raw partition, validated and typed, as one table.
+
+    Request partitions are read like the test file (no target), labelled ones like the
+    training file. Each file is checked on its own, so an error names the file, column and
+    line; ids must be unique across the whole partition. The metadata records every file's
+    sha256; the partition's own `rtb.source_sha256` is the file's for a single file, else the
+    sha256 of the sorted list of (name, sha256).
+    """
+    key = partitions.parse_partition(partition)
+    split = "train" if key.kind == partitions.LABELLED else "test"
+    files = partitions.partition_files(partition)
+    if not files:
+        raise RtbError(f"{partition}: complete but holds no {partitions.DATA_SUFFIX} file")
+    tables = [read_and_fingerprint(path, cfg, split) for path in files]
+    digests = {path.name: (table.schema.metadata or {})[META_SOURCE_SHA].decode()
+               for path, table in zip(files, tables, strict=True)}
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    if cfg.id:
+        _check_unique_ids(partition, cfg.id, table.column(cfg.id))
+    combined = next(iter(digests.values())) if len(digests) == 1 else hashlib.sha256(
+        "\n".join(f"{name} {digest}" for name, digest in sorted(digests.items())).encode()
+    ).hexdigest()
+    return table.replace_schema_metadata({
+        META_SOURCE_SHA: combined.encode(),
+        META_SOURCE_FILE: str(Path(*partition.parts[-3 if key.hour else -2:])).encode(),
+        META_SOURCE_FILES: json.dumps(digests, sort_keys=True).encode(),
+    })
+
+
 def run_make_dataset(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:
     """CLI stage: data/raw/<file> -> data/interim/<split>.arrow (atomically replaced)."""
     started = time.perf_counter()
     raw_path = paths.raw_dir / cfg.files[split]
-    typed = make_dataset(raw_path, cfg, split)
-    out = paths.interim(split)
+    return _write_interim(paths, split, read_and_fingerprint(raw_path, cfg, split), cfg,
+                          raw_path.name, started)
+
+
+def run_make_dataset_partition(paths: ProjectPaths, name: str, cfg: DatasetConfig) -> Path:
+    """CLI stage: data/raw/<partition> -> data/interim/<partition>.arrow (atomically replaced)."""
+    started = time.perf_counter()
+    return _write_interim(paths, name, read_partition(paths.raw_dir / name, cfg), cfg, name, started)
+
+
+def _write_interim(
+    paths: ProjectPaths, name: str, typed: pa.Table, cfg: DatasetConfig, source: str, started: float
+) -> Path:
+    out = paths.interim(name)
     with atomic_path(out, overwrite=True) as tmp:
         feather.write_feather(typed, tmp, compression="uncompressed")
     seconds = time.perf_counter() - started
     message = "%s: read %d rows x %d columns, wrote %s in %.1f s"
-    log.info(message, raw_path.name, typed.num_rows, typed.num_columns, out, seconds)
-    if split == "train":
+    log.info(message, source, typed.num_rows, typed.num_columns, out, seconds)
+    if cfg.target in typed.column_names:
         rate = pc.mean(typed.column(cfg.target)).as_py()
-        log.info("train base rate %.4f (%d positives)", rate, int(rate * typed.num_rows))
+        log.info("%s base rate %.4f (%d positives)", name, rate, int(rate * typed.num_rows))
     return out
 
 
 def read_interim(path: Path) -> pa.Table:
-    """The typed table `make_dataset` wrote, memory-mapped (no copy: 0.5-1.5 s less than reading
-    it at 3.7M rows). Our writers only ever replace the file by rename, which leaves a mapping
-    intact; only a file cut short in place *during* a run would end that attempt with SIGBUS,
-    and Airflow's retry then starts from a clean read."""
+    """The typed table `make_dataset` wrote, memory-mapped: no copy and no system time spent
+    reading pages the stage may never touch. Our writers only ever replace the file by
+    rename, which leaves a mapping intact; only a file cut short in place *during* a run
+    would end that attempt with SIGBUS, and Airflow's retry then starts from a clean read."""
     if not path.exists():
         raise RtbError(f"{path}: file not found (run `rtb make-dataset` first)")
     try:

@@ -9,38 +9,47 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from rtb.config import ProjectPaths, claim_version
-from rtb.data.preprocessing import ScoringInput, read_scoring_input
+from rtb.config import ProjectPaths, claim_version, new_version
+from rtb.data.preprocessing import read_scoring_input
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
-from rtb.io_utils import atomic_path, write_yaml
+from rtb.features import feature_frame
+from rtb.io_utils import atomic_path, replace_set, sha256_file, write_yaml
 from rtb.models import registry
-from rtb.models.batch_scoring import batch_scorer
-from rtb.models.pipeline import feature_frame
+from rtb.overlap import in_parallel
 from rtb.progress import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 250_000
 SCORING_THREADS = 2
 CHECK_ROWS = 20_000
+SUFFIXES = (".npy", ".csv", ".yaml")  # the .yaml sidecar is written last: it marks a complete set
+PREDICTIONS_STEM = "predictions"  # the file names inside a partition's prediction set
 
 
 def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarray:
     """Pure core: probability of install for each row, in input order.
 
-    Rows are scored in chunks: the encoded feature matrix of 3.7M rows would otherwise need
-    about 1 GB on top of the frame, for results that are the same row by row.
+    Rows are scored in chunks: the encoded feature matrix of the whole input would otherwise
+    sit in memory beside the frame, for results that are the same row by row.
     """
+    # Imported here, not at module level: sklearn's import is what `run_predicting` overlaps
+    # with reading the input, and it happens while the model is unpickled.
+    from rtb.scoring.batch import batch_scorer
+
     features = feature_frame(frame, cfg)
     probabilities = np.empty(len(features), dtype=np.float64)
     starts = range(0, len(features), CHUNK_ROWS)
@@ -78,62 +87,124 @@ def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarra
     return probabilities
 
 
-def run_predicting(
-    paths: ProjectPaths,
-    cfg: DatasetConfig,
-    *,
-    model_path: Path | None,
-    reading: Future[ScoringInput] | None = None,
-) -> Path:
-    """CLI stage: processed test CSV -> predictions_<version>.npy, .csv and .yaml sidecar.
-
-    `reading` is the input already being read (see `rtb.cli.predict`); else it is read here.
-    """
-    started = time.perf_counter()
-    entry = registry.resolve_model(paths.models_dir, model_path)
-    log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
+def load_scoring_model(entry: registry.ModelEntry) -> object:
+    """The verified model, refused unless it can give probabilities."""
     model = registry.load_verified(entry)
     if not hasattr(model, "predict_proba"):
         raise RtbError(f"{entry.path}: holds a {type(model).__name__}, not a model with predict_proba")
-    source = paths.processed("test")
-    scoring_input = reading.result() if reading is not None else read_scoring_input(source, cfg)
-    ids, frame, input_sha = scoring_input.ids, scoring_input.frame, scoring_input.sha256 or None
-    probabilities = predict(model, frame, cfg)
-    version = claim_version(lambda v: (paths.predictions_dir / f"predictions_{v}.npy").exists())
-    stem = paths.predictions_dir / f"predictions_{version}"
+    return model
+
+
+def write_prediction_set(
+    paths: ProjectPaths, version: str, ids: pa.ChunkedArray, probabilities: np.ndarray,
+    sidecar: dict[str, object],
+) -> Path:
+    """The three files of one versioned result: probabilities, ids with probabilities, the
+    sidecar. If any write fails, the ones already renamed into place are removed again, so a
+    predictions_<version> set is either complete or absent."""
+    return _write_set_files([paths.predictions(version, suffix) for suffix in SUFFIXES], ids,
+                            probabilities, sidecar)
+
+
+def _write_set_files(
+    files: list[Path], ids: pa.ChunkedArray, probabilities: np.ndarray, sidecar: dict[str, object]
+) -> Path:
+    npy, csv, yaml_path = files
     table = pa.table({"id": pc.cast(ids, pa.string()), "probability": pa.array(probabilities)})
-    sidecar = {
-        "version": version,
-        "rows": int(len(probabilities)),
-        "mean_probability": float(probabilities.mean()),
-        "model": {"file": entry.path.name, "version": entry.version, "sha256": entry.sha256},
-        "input": {"file": source.name, "sha256": input_sha},
-        "outputs": [stem.with_suffix(".npy").name, stem.with_suffix(".csv").name],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    # The three files are one result: if any write fails, the ones already renamed into place
-    # are removed again, so a predictions_<version> set is either complete or absent.
     written: list[Path] = []
     try:
-        with atomic_path(stem.with_suffix(".npy")) as tmp:
+        with atomic_path(npy) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, probabilities)
-        written.append(stem.with_suffix(".npy"))
-        with atomic_path(stem.with_suffix(".csv")) as tmp:
+        written.append(npy)
+        with atomic_path(csv) as tmp:
             pcsv.write_csv(table, tmp)
-        written.append(stem.with_suffix(".csv"))
-        write_yaml(stem.with_suffix(".yaml"), sidecar)
+        written.append(csv)
+        write_yaml(yaml_path, sidecar)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+    return npy
+
+
+def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None) -> Path:
+    """CLI stage: processed test hand-over -> predictions_<version>.npy, .csv and .yaml."""
+    started = time.perf_counter()
+    entry = registry.resolve_model(paths, model_path)
+    source = paths.processed_arrow("test")
+    ids, probabilities, input_sha = _score(entry, source, cfg)
+    version = claim_version(lambda v: paths.predictions(v, SUFFIXES[0]).exists())
+    sidecar = _sidecar(version, probabilities, entry, source, input_sha, started)
+    sidecar["outputs"] = [paths.predictions(version, suffix).name for suffix in SUFFIXES[:2]]
+    npy = write_prediction_set(paths, version, ids, probabilities, sidecar)
+    _log_done(probabilities, entry, npy, started)
+    return npy
+
+
+def run_predicting_partition(
+    paths: ProjectPaths,
+    cfg: DatasetConfig,
+    name: str,
+    *,
+    model_path: Path | None,
+    interval: tuple[str, str] | None = None,
+    run_id: str | None = None,
+) -> Path:
+    """CLI stage for one request partition: its processed hand-over -> the partition's one
+    prediction set, `data/predictions/<partition>/` (replaced as a whole on a re-run)."""
+    started = time.perf_counter()
+    entry = registry.resolve_model(paths, model_path)
+    source = paths.processed_arrow(name)
+    ids, probabilities, input_sha = _score(entry, source, cfg)
+    version = new_version()
+    sidecar = _sidecar(version, probabilities, entry, source, input_sha, started)
+    sidecar.update({
+        "partition": name,
+        "interval": {"start": interval[0], "end": interval[1]} if interval else None,
+        "run_id": run_id,
+        "outputs": [f"{PREDICTIONS_STEM}{suffix}" for suffix in SUFFIXES[:2]],
+    })
+    final = replace_set(paths.prediction_set(name), lambda folder: _write_set_files(
+        [folder / f"{PREDICTIONS_STEM}{suffix}" for suffix in SUFFIXES], ids, probabilities, sidecar))
+    _log_done(probabilities, entry, final, started)
+    return final
+
+
+def _score(
+    entry: registry.ModelEntry, source: Path, cfg: DatasetConfig
+) -> tuple[pa.ChunkedArray, np.ndarray, str]:
+    log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
+    # Reading the input, hashing it for the sidecar and unpickling the model (which imports
+    # sklearn) are independent; an error in the input is reported before one of the model.
+    scoring_input, input_sha, model = in_parallel(
+        lambda: read_scoring_input(source, cfg),
+        lambda: sha256_file(source) if source.exists() else "",
+        lambda: load_scoring_model(entry),
+    )
+    return scoring_input.ids, predict(model, scoring_input.frame, cfg), input_sha
+
+
+def _sidecar(
+    version: str, probabilities: np.ndarray, entry: registry.ModelEntry, source: Path,
+    input_sha: str, started: float,
+) -> dict[str, object]:
+    return {
+        "version": version,
+        "rows": int(len(probabilities)),
+        "mean_probability": float(probabilities.mean()) if len(probabilities) else None,
+        "model": {"file": entry.path.name, "version": entry.version, "sha256": entry.sha256},
+        "input": {"file": source.name, "sha256": input_sha},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _log_done(probabilities: np.ndarray, entry: registry.ModelEntry, out: Path, started: float) -> None:
     log.info(
         "scored %d rows (mean probability %.5f) with %s; wrote %s in %.1f s",
         len(probabilities),
-        probabilities.mean(),
+        probabilities.mean() if len(probabilities) else float("nan"),
         entry.path.name,
-        stem.with_suffix(".npy").name,
+        out.name,
         time.perf_counter() - started,
     )
-    return stem.with_suffix(".npy")
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,12 +17,9 @@ from pathlib import Path
 
 import joblib
 
+from rtb.config import MODEL_NAME, ProjectPaths, version_of
 from rtb.errors import RtbError
 from rtb.io_utils import read_yaml, sha256_file, write_yaml
-
-MODEL_NAME = re.compile(r"^pipeline_(\d{8}T\d{6}Z)\.pkl$")
-CHAMPION_FILE = "champion.yaml"
-LOCK_FILE = ".promotion.lock"
 
 
 @dataclass(frozen=True)
@@ -44,22 +40,9 @@ class ModelEntry:
         }
 
 
-def version_of(model_path: Path) -> str:
-    match = MODEL_NAME.match(Path(model_path).name)
-    if not match:
-        raise RtbError(f"{model_path}: expected a model file named pipeline_<YYYYMMDDTHHMMSSZ>.pkl")
-    return match.group(1)
-
-
-def report_path_for(model_path: Path) -> Path:
-    """models/pipeline_V.pkl -> reports/report_V.yaml (reports/ is a sibling of models/)."""
-    model_path = Path(model_path)
-    return model_path.parent.parent / "reports" / f"report_{version_of(model_path)}.yaml"
-
-
-def entry_from_report(model_path: Path) -> ModelEntry:
+def entry_from_report(paths: ProjectPaths, model_path: Path) -> ModelEntry:
     """The model's entry as its training report recorded it."""
-    report_path = report_path_for(model_path)
+    report_path = paths.report_for_model(model_path)
     if not report_path.exists():
         raise RtbError(
             f"{model_path}: no training report {report_path} records its sha256; refusing to load"
@@ -73,9 +56,9 @@ def entry_from_report(model_path: Path) -> ModelEntry:
     return ModelEntry(Path(model_path), version_of(model_path), str(expected), holdout)
 
 
-def load_champion_entry(models_dir: Path) -> ModelEntry:
+def load_champion_entry(paths: ProjectPaths) -> ModelEntry:
     """The promoted model, verified to exist and to match its recorded sha256."""
-    pointer = Path(models_dir) / CHAMPION_FILE
+    pointer = paths.champion_pointer
     if not pointer.exists():
         raise RtbError(
             f"{pointer}: no trained model has been promoted yet (run the train DAG or `rtb train`)"
@@ -83,7 +66,7 @@ def load_champion_entry(models_dir: Path) -> ModelEntry:
     payload = read_yaml(pointer)
     try:
         entry = ModelEntry(
-            Path(models_dir) / str(payload["model"]),
+            paths.models_dir / str(payload["model"]),
             str(payload["version"]),
             str(payload["sha256"]),
             payload.get("holdout_log_loss"),
@@ -92,7 +75,7 @@ def load_champion_entry(models_dir: Path) -> ModelEntry:
         raise RtbError(f"{pointer}: lacks key {exc.args[0]!r}") from exc
     if not MODEL_NAME.match(str(payload["model"])):
         raise RtbError(f"{pointer}: model {payload['model']!r} is not a pipeline_<version>.pkl in models/")
-    recorded = entry_from_report(entry.path)
+    recorded = entry_from_report(paths, entry.path)
     if recorded.sha256 != entry.sha256:
         raise RtbError(f"{pointer}: sha256 of {entry.path.name} differs from its training report")
     verify_sha256(entry)
@@ -120,22 +103,22 @@ def load_verified(entry: ModelEntry) -> object:
         raise RtbError(f"{entry.path}: cannot unpickle the model ({reason})") from exc
 
 
-def resolve_model(models_dir: Path, model_path: Path | None) -> ModelEntry:
+def resolve_model(paths: ProjectPaths, model_path: Path | None) -> ModelEntry:
     """`--model PATH` if given (verified against its report), else the champion."""
     if model_path is None:
-        return load_champion_entry(models_dir)
+        return load_champion_entry(paths)
     if not Path(model_path).exists():
         raise RtbError(f"{model_path}: model file not found")
-    entry = entry_from_report(Path(model_path))
+    entry = entry_from_report(paths, Path(model_path))
     verify_sha256(entry)
     return entry
 
 
 @contextlib.contextmanager
-def promotion_lock(models_dir: Path) -> Iterator[None]:
+def promotion_lock(paths: ProjectPaths) -> Iterator[None]:
     """Serialise read-compare-promote between concurrent trainings."""
-    Path(models_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(models_dir) / LOCK_FILE, "a+") as handle:
+    paths.models_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.promotion_lock, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -143,15 +126,15 @@ def promotion_lock(models_dir: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def current_champion(models_dir: Path) -> ModelEntry | None:
+def current_champion(paths: ProjectPaths) -> ModelEntry | None:
     """The champion if one is promoted and intact; None when there is none yet."""
-    if not (Path(models_dir) / CHAMPION_FILE).exists():
+    if not paths.champion_pointer.exists():
         return None
-    return load_champion_entry(models_dir)
+    return load_champion_entry(paths)
 
 
-def promote(models_dir: Path, entry: ModelEntry, previous: ModelEntry | None) -> None:
+def promote(paths: ProjectPaths, entry: ModelEntry, previous: ModelEntry | None) -> None:
     """Atomically point the champion at `entry`, remembering the one it replaces."""
     payload = entry.as_dict()
     payload["previous"] = previous.as_dict() if previous else None
-    write_yaml(Path(models_dir) / CHAMPION_FILE, payload, overwrite=True)
+    write_yaml(paths.champion_pointer, payload, overwrite=True)

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import Pipeline
 
+from rtb.config import ProjectPaths
 from rtb.errors import RtbError
 from rtb.io_utils import EXISTS, atomic_path
 from rtb.models.metrics import reliability_table
@@ -38,13 +39,8 @@ _POSITIVE_COLOR = "#2e7d32"
 _NEGATIVE_COLOR = "#c62828"
 
 
-def report_plot_paths(reports_dir: Path, version: str) -> dict[str, Path]:
-    """Where each picture of `version` goes: `report_<version>_<kind>.png` beside the YAML."""
-    return {kind: Path(reports_dir) / f"report_{version}_{kind}.png" for kind in KINDS}
-
-
 def write_report_plots(
-    reports_dir: Path,
+    paths: ProjectPaths,
     version: str,
     y_holdout: np.ndarray,
     p_holdout: np.ndarray,
@@ -60,8 +56,8 @@ def write_report_plots(
     a rerun never mixes pictures of two different fits under one version.
     """
     y, p = _check_inputs(y_holdout, p_holdout, candidates)
-    paths = report_plot_paths(reports_dir, version)
-    existing = [str(path) for path in paths.values() if path.exists()]
+    targets = {kind: paths.report_plot(version, kind) for kind in KINDS}
+    existing = [str(path) for path in targets.values() if path.exists()]
     if existing:
         raise RtbError(f"{', '.join(existing)}: {EXISTS}")
     builders = {
@@ -73,10 +69,10 @@ def write_report_plots(
     written = []
     for kind in KINDS:
         figure = builders[kind]()
-        with atomic_path(paths[kind]) as tmp:
+        with atomic_path(targets[kind]) as tmp:
             figure.savefig(tmp, format="png", dpi=DPI)
-        log.info("wrote %s plot to %s (%d bytes)", kind, paths[kind], paths[kind].stat().st_size)
-        written.append(paths[kind])
+        log.info("wrote %s plot to %s (%d bytes)", kind, targets[kind], targets[kind].stat().st_size)
+        written.append(targets[kind])
     return written
 
 

@@ -1,5 +1,9 @@
-"""Report sections that describe rather than decide: calibration per segment, parameters in a
-form YAML can hold, and the environment (library versions, git sha) a run came from."""
+"""The training report: every number a reviewer needs to trust or reject a model.
+
+`build_report` assembles `reports/report_<version>.yaml` from what training and the
+promotion gate decided; the helpers describe rather than decide: calibration per segment,
+parameters in a form YAML can hold, and the environment (library versions, git sha) a run
+came from."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from rtb.dataset_config import DatasetConfig
+from rtb.models.metrics import base_rate_entropy, bootstrap_log_loss_uplift, reliability_table
+from rtb.models.pipeline import BASELINE
+from rtb.models.training import Selection, TrainingLimits
 
 SEGMENT_MAX_LEVELS = 12
 LIBRARIES = ("numpy", "pandas", "pyarrow", "scikit-learn", "lightgbm", "joblib", "isal")
@@ -89,3 +96,72 @@ def _plain(value: object) -> object:
     if isinstance(value, FunctionType):
         return f"{value.__module__}.{value.__qualname__}"
     return type(value).__name__
+
+
+def build_report(
+    version: str,
+    cfg: DatasetConfig,
+    selection: Selection,
+    *,
+    model: Pipeline,
+    cv: dict[str, object],
+    refit: dict[str, object],
+    decision: dict[str, object],
+    limits: TrainingLimits,
+    seed: int,
+    seconds: float,
+    artifacts: dict[str, object],
+) -> dict[str, object]:
+    """The report YAML's content, in the order a reader wants it."""
+    selected, frame, holdout = selection.selected, selection.frame, selection.holdout
+    y_hold = selection.y_holdout
+    share = round(100 * limits.holdout_share)
+    return {
+        "version": version,
+        "dataset": cfg.name,
+        "model": selected.name,
+        "selected": {
+            "name": selected.name,
+            "holdout_log_loss": selected.holdout["log_loss"],
+            "rule": "lowest calibrated log loss on the time holdout",
+        },
+        "cv": cv,
+        "holdout": selected.holdout,
+        "candidates": {r.name: r.summary() for r in selection.candidates},
+        "comparison": {
+            "baseline": BASELINE,
+            "baseline_holdout_log_loss": selection.baseline.holdout["log_loss"],
+            "uplift_vs_baseline": bootstrap_log_loss_uplift(
+                y_hold,
+                selected.holdout_probabilities,
+                selection.baseline.holdout_probabilities,
+                seed=seed,
+            ),
+        },
+        "promotion": decision,
+        "calibration": {
+            **selected.calibration,
+            "fitted_on": f"time holdout (latest {share}% of rows)",
+            "overall_ratio": selected.holdout["calibration_ratio"],
+            "by_segment": segment_calibration(
+                frame[holdout], y_hold, selected.holdout_probabilities, cfg
+            ),
+            "reliability": reliability_table(y_hold, selected.holdout_probabilities),
+        },
+        "data": {
+            "rows": len(frame),
+            "train_rows": int((~holdout).sum()),
+            "holdout_rows": int(holdout.sum()),
+            "fit_max_negatives": limits.fit_max_negatives,
+            "refit_max_negatives": limits.refit_max_negatives,
+            "base_rate": float(frame[cfg.target].mean()),
+            "base_rate_entropy": base_rate_entropy(frame[cfg.target].to_numpy()),
+            "holdout_starts": str(frame[cfg.timestamp][holdout].min()),
+            "features": cfg.feature_columns,
+        },
+        "refit": refit,
+        "params": plain_params(model),
+        "training_seconds": round(seconds, 2),
+        "environment": {"libraries": library_versions(), "git_sha": git_sha()},
+        "artifacts": artifacts,
+    }

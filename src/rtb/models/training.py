@@ -1,0 +1,363 @@
+"""Fitting and selection: every candidate on the earliest rows, judged on the latest ones.
+
+Validation is time-aware because RTB data drifts: each candidate is fitted on the earliest
+rows (negatives downsampled) and scored on the latest `holdout_share` of them (the holdout).
+Its Platt calibration is fitted on that holdout too, and the holdout metrics use
+cross-fitted calibration so they stay honest. The candidate with the best calibrated holdout
+log loss is selected; `refit_on_all_rows` then fits it again on every row (the latest rows
+are the most like tomorrow's), keeping the holdout's Platt mapping shifted by the change in
+negative sampling; `cross_validated` adds one shuffled K-fold `cross_validate` call for the
+report. All functions here take data and return results; the CLI stage decides what runs
+beside what.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.pipeline import Pipeline
+
+from rtb.dataset_config import DatasetConfig
+from rtb.errors import RtbError
+from rtb.features import feature_frame
+from rtb.models.calibration import cross_fitted_platt, fit_platt
+from rtb.models.metrics import cv_scoring, cv_summary, probability_metrics
+from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline
+from rtb.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Relative fitting cost of the candidates; the longest start first so that none runs alone
+# at the end.
+FIT_COST_HINT = {"gbm_target_encoded": 3, BASELINE: 2, "logreg_target_encoded": 1}
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """How much data each step of training uses: the knobs that trade time for precision.
+
+    `fit_max_negatives` bounds every candidate's fit (selection comes out the same as with
+    twice as many, in half the time); `refit_max_negatives` bounds the shipped model's refit;
+    `min_class_rows` is what the 5-fold cross-fitted calibration needs of each class on each
+    side of the time split.
+    """
+
+    holdout_share: float = 0.2
+    fit_max_negatives: int = 300_000
+    refit_max_negatives: int = 600_000
+    cv_max_rows: int = 300_000
+    min_class_rows: int = 5
+    score_chunk_rows: int = 250_000
+    fit_threads: int = 2
+
+
+DEFAULT_LIMITS = TrainingLimits()
+
+
+@dataclass
+class CandidateResult:
+    """One candidate's fitted pipeline and everything the report says about it."""
+
+    name: str
+    pipeline: Pipeline
+    holdout_probabilities: np.ndarray
+    holdout: dict[str, float]
+    holdout_uncalibrated: dict[str, float]
+    calibration: dict[str, float]
+    seconds: float
+    fit_rows: int
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "holdout": self.holdout,
+            "holdout_uncalibrated": self.holdout_uncalibrated,
+            "calibration": self.calibration,
+            "fit_rows": self.fit_rows,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class Selection:
+    """The candidates fitted on the early rows and the one selected, with the data they saw."""
+
+    selected: CandidateResult
+    candidates: list[CandidateResult]
+    frame: pd.DataFrame  # in time order
+    X: pd.DataFrame
+    y: np.ndarray
+    holdout: np.ndarray  # boolean mask of the latest rows
+
+    @property
+    def y_holdout(self) -> np.ndarray:
+        return self.y[self.holdout]
+
+    @property
+    def baseline(self) -> CandidateResult:
+        return next(r for r in self.candidates if r.name == BASELINE)
+
+
+def time_holdout_split(stamps: pd.Series, share: float) -> np.ndarray:
+    """Boolean mask of the latest `share` of rows by timestamp (ties kept together)."""
+    cutoff = stamps.quantile(1.0 - share)
+    holdout = (stamps > cutoff).to_numpy()
+    if not holdout.any() or holdout.all():
+        order = np.argsort(stamps.to_numpy(), kind="stable")
+        holdout = np.zeros(len(stamps), dtype=bool)
+        holdout[order[int(len(stamps) * (1.0 - share)) :]] = True
+    return holdout
+
+
+def _early_share(limits: TrainingLimits) -> str:
+    return f"earliest {100 - round(100 * limits.holdout_share)}%"
+
+
+def _check_trainable(
+    y: np.ndarray, holdout: np.ndarray, source: str, target: str, limits: TrainingLimits
+) -> None:
+    late = f"latest {round(100 * limits.holdout_share)}% (holdout)"
+    for label, rows in ((_early_share(limits), ~holdout), (late, holdout)):
+        positives = int(y[rows].sum())
+        if positives < limits.min_class_rows or positives > rows.sum() - limits.min_class_rows:
+            raise RtbError(
+                f"{source}: column {target!r} has {positives} positives in the {label} of "
+                f"{int(rows.sum())} rows; need at least {limits.min_class_rows} of each class in "
+                "both parts to train and calibrate"
+            )
+
+
+def fit_candidate(
+    name: str,
+    cfg: DatasetConfig,
+    X: pd.DataFrame,
+    y: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    seed: int,
+    limits: TrainingLimits,
+) -> CandidateResult:
+    """Fit on the early rows (negatives downsampled), calibrate and score on the holdout."""
+    started = time.perf_counter()
+    pipeline = build_pipeline(name, cfg, seed)
+    fit_rows = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
+    pipeline.fit(X.iloc[fit_rows], y[fit_rows])
+    X_hold, y_hold = X[holdout], y[holdout]
+    log_odds = holdout_log_odds(pipeline, X_hold, limits.score_chunk_rows)
+    slope, intercept = fit_platt(log_odds, y_hold)
+    pipeline.set_params(model__slope=slope, model__intercept=intercept)
+    calibrated = cross_fitted_platt(log_odds, y_hold, seed)
+    result = CandidateResult(
+        name=name,
+        pipeline=pipeline,
+        holdout_probabilities=calibrated,
+        holdout=probability_metrics(y_hold, calibrated),
+        holdout_uncalibrated=probability_metrics(y_hold, expit(log_odds)),
+        calibration={"method": "platt_on_log_odds", "slope": slope, "intercept": intercept},
+        seconds=time.perf_counter() - started,
+        fit_rows=int(len(fit_rows)),
+    )
+    log.info(
+        "%s: holdout log_loss %.5f, NE %.4f, AUC %.4f, calibration %.3f (fitted on %d rows); %.1f s",
+        name,
+        result.holdout["log_loss"],
+        result.holdout["normalized_entropy"],
+        result.holdout["roc_auc"],
+        result.holdout["calibration_ratio"],
+        len(fit_rows),
+        result.seconds,
+    )
+    return result
+
+
+def holdout_log_odds(pipeline: Pipeline, X: pd.DataFrame, chunk_rows: int) -> np.ndarray:
+    """The uncalibrated log-odds of every row, in chunks: the encoded float64 matrix of a
+    large holdout would otherwise be held per candidate, and candidates fit two at a time."""
+    chunks = [
+        pipeline[-1].raw_log_odds(pipeline[:-1].transform(X.iloc[start : start + chunk_rows]))
+        for start in range(0, len(X), chunk_rows)
+    ]
+    return np.concatenate(chunks) if chunks else np.empty(0)
+
+
+def negative_downsample(y: np.ndarray, rows: np.ndarray, max_negatives: int, seed: int) -> np.ndarray:
+    """Row indices (in time order) of every positive and at most `max_negatives` negatives.
+
+    With 1% positives most of the fitting time goes into negatives that teach little; keeping
+    a random share of them is standard practice for ad logs (He et al. 2014, "Practical
+    lessons from predicting clicks on ads at Facebook"). It only shifts the model's log-odds
+    by log(share), which the Platt step, fitted on the untouched holdout, takes back out.
+    """
+    candidates = np.flatnonzero(rows)
+    negatives = candidates[y[candidates] == 0]
+    if len(negatives) <= max_negatives:
+        return candidates
+    rng = np.random.default_rng(seed)
+    kept = rng.choice(negatives, size=max_negatives, replace=False)
+    return np.sort(np.concatenate([candidates[y[candidates] == 1], kept]))
+
+
+def in_time_order(frame: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
+    """Rows sorted by timestamp (stable): target encodings of a row may only use earlier rows.
+
+    A frame already in order is returned as is, saving a copy of the whole training set.
+    """
+    if frame[cfg.timestamp].is_monotonic_increasing:
+        return frame
+    return frame.sort_values(cfg.timestamp, kind="stable", ignore_index=True)
+
+
+def select_model(
+    frame: pd.DataFrame,
+    cfg: DatasetConfig,
+    *,
+    seed: int = 0,
+    limits: TrainingLimits = DEFAULT_LIMITS,
+    candidates: tuple[str, ...] = tuple(CANDIDATES),
+    source: str = "train_df",
+) -> Selection:
+    """Processed frame -> every candidate fitted on the early rows, scored on the holdout,
+    and the one with the lowest calibrated holdout log loss selected."""
+    unknown = [name for name in candidates if name not in CANDIDATES]
+    if BASELINE not in candidates:
+        candidates = (BASELINE, *candidates)
+    if unknown:
+        raise RtbError(f"unknown candidate model(s) {unknown}; known: {list(CANDIDATES)}")
+    frame = in_time_order(frame, cfg)
+    y = frame[cfg.target].to_numpy().astype(np.int8)
+    holdout = time_holdout_split(frame[cfg.timestamp], limits.holdout_share)
+    _check_trainable(y, holdout, source, cfg.target, limits)
+    X = feature_frame(frame, cfg)
+    log.info(
+        "training on %d rows (%d early, %d holdout after %s), base rate %.4f",
+        len(y),
+        int((~holdout).sum()),
+        int(holdout.sum()),
+        frame[cfg.timestamp][holdout].min(),
+        y.mean(),
+    )
+    progress = Progress(log, "train", len(candidates))
+    # Two candidates at a time: the linear ones spend their time in numpy/scipy kernels that
+    # release the GIL and use one core each, so a second thread nearly halves the wall time.
+    with ThreadPoolExecutor(max_workers=limits.fit_threads, thread_name_prefix="fit") as pool:
+        futures = {
+            pool.submit(fit_candidate, name, cfg, X, y, holdout, seed=seed, limits=limits): name
+            for name in sorted(candidates, key=lambda name: -FIT_COST_HINT.get(name, 0))
+        }
+        for future in as_completed(futures):
+            future.result()
+            progress.advance(f"candidate {futures[future]}")
+    by_name = {futures[future]: future.result() for future in futures}
+    results = [by_name[name] for name in candidates]
+    release_freed_memory()
+    selected = min(results, key=lambda r: r.holdout["log_loss"])
+    log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
+    return Selection(selected, results, frame, X, y, holdout)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that fitted-and-dropped matrices left in the C heap back to the OS.
+
+    glibc keeps freed blocks of a few MB in the process heap; after the candidate fits that
+    is memory nobody uses, on top of which the refit and the cross-validation would
+    allocate. A no-op where glibc's `malloc_trim` does not exist.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def cross_validated(
+    selection: Selection, *, cv_folds: int, seed: int, limits: TrainingLimits = DEFAULT_LIMITS
+) -> dict[str, object]:
+    """ONE `cross_validate` call, all metrics: shuffled K-fold on a row sample, for the
+    selected candidate without its holdout calibration (each fold refits on natural rows, so
+    the Platt step tuned to the time holdout and to negative sampling does not apply)."""
+    started = time.perf_counter()
+    result, y = selection.selected, selection.y
+    rows = _cv_sample(len(y), seed, limits.cv_max_rows)
+    uncalibrated = clone(result.pipeline).set_params(model__slope=1.0, model__intercept=0.0)
+    scores = cross_validate(
+        uncalibrated,
+        selection.X.iloc[rows],
+        y[rows],
+        cv=StratifiedKFold(cv_folds, shuffle=True, random_state=seed),
+        scoring=cv_scoring(),
+        error_score="raise",
+    )
+    summary = cv_summary(scores) | {
+        "rows": int(len(rows)),
+        "folds": cv_folds,
+        "model": result.name,
+        "note": "shuffled folds flatter a model on drifting data; promotion uses the time holdout",
+    }
+    log.info(
+        "%s: %d-fold CV on %d rows: log_loss %.5f +- %.5f, AUC %.4f; %.1f s",
+        result.name,
+        cv_folds,
+        len(rows),
+        summary["log_loss"]["mean"],
+        summary["log_loss"]["std"],
+        summary["roc_auc"]["mean"],
+        time.perf_counter() - started,
+    )
+    return summary
+
+
+def _cv_sample(n_rows: int, seed: int, max_rows: int) -> np.ndarray:
+    if n_rows <= max_rows:
+        return np.arange(n_rows)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_rows, size=max_rows, replace=False))
+
+
+def refit_on_all_rows(
+    selection: Selection, cfg: DatasetConfig, *, seed: int, limits: TrainingLimits = DEFAULT_LIMITS
+) -> tuple[Pipeline, dict[str, object]]:
+    """The selected pipeline fitted again on every row (negatives downsampled), calibrated.
+
+    The Platt step keeps the slope learned on the holdout; its intercept moves by
+    slope * log(kept share of negatives now / then), which is exactly how negative
+    downsampling shifts a model's log-odds, so no second holdout is needed.
+    """
+    started = time.perf_counter()
+    selected, y, holdout = selection.selected, selection.y, selection.holdout
+    everything = np.ones(len(y), dtype=bool)
+    rows = negative_downsample(y, everything, limits.refit_max_negatives, seed)
+    kept_then = _negative_share(y, ~holdout, limits.fit_max_negatives)
+    kept_now = _negative_share(y, everything, limits.refit_max_negatives)
+    slope, intercept = selected.calibration["slope"], selected.calibration["intercept"]
+    shift = float(np.log(kept_now / kept_then))
+    model = build_pipeline(selected.name, cfg, seed)
+    model.fit(selection.X.iloc[rows], y[rows])
+    model.set_params(model__slope=slope, model__intercept=intercept + slope * shift)
+    refit = {
+        "rows": int(len(rows)),
+        "of_rows": int(len(y)),
+        "negatives_kept_share": kept_now,
+        "early_fit_negatives_kept_share": kept_then,
+        "platt_slope": slope,
+        "platt_intercept": intercept + slope * shift,
+        "seconds": round(time.perf_counter() - started, 2),
+        "note": f"holdout metrics are of the same pipeline fitted on the {_early_share(limits)} of rows",
+    }
+    log.info(
+        "%s: refitted on all %d rows (%d after downsampling negatives to %.3f); Platt intercept "
+        "shifted by %.3f; %.1f s",
+        selected.name, len(y), len(rows), kept_now, slope * shift, refit["seconds"],
+    )
+    return model, refit
+
+
+def _negative_share(y: np.ndarray, rows: np.ndarray, max_negatives: int) -> float:
+    negatives = int((y[rows] == 0).sum())
+    return min(1.0, max_negatives / negatives) if negatives else 1.0
