@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import derive_feature_table
 from rtb.io_utils import atomic_path
+from rtb.overlap import in_parallel
 
 if TYPE_CHECKING:  # the stage runs on Arrow alone; pandas is imported by the readers
     import pandas as pd
@@ -42,7 +44,10 @@ log = logging.getLogger(__name__)
 
 def preprocess(interim: pa.Table, cfg: DatasetConfig, *, source: str = "interim") -> pa.Table:
     """Pure core: typed interim table -> processed table (features, id, timestamp, target)."""
-    features = derive_feature_table(interim, cfg)
+    # The raw input's fingerprint (make_dataset's `rtb.*` metadata) travels with the rows, so
+    # a training report can name the raw files behind every hand-over it read.
+    provenance = {k: v for k, v in (interim.schema.metadata or {}).items() if k.startswith(b"rtb.")}
+    features = derive_feature_table(interim, cfg).replace_schema_metadata(provenance or None)
     for feature in cfg.datetimes.values():
         negative = pc.sum(pc.less(features.column(feature), 0)).as_py() or 0
         if negative:
@@ -55,13 +60,25 @@ def write_processed(table: pa.Table, csv_path: Path, arrow_path: Path) -> None:
     """Write the CSV export and the Arrow hand-over; both are renamed into place after both
     were written."""
     text = pa.table([_as_plain(column) for column in table.columns], names=table.column_names)
-    with atomic_path(csv_path, overwrite=True) as csv_tmp:
-        pcsv.write_csv(text, csv_tmp)
-        with atomic_path(arrow_path, overwrite=True) as arrow_tmp:
-            # One dictionary per column across all chunks: pandas then converts without
-            # unifying one dictionary per chunk on every read.
-            feather.write_feather(table.unify_dictionaries(), str(arrow_tmp),
-                                  compression="uncompressed")
+    # One dictionary per column across all chunks: pandas then converts without unifying one
+    # dictionary per chunk on every read.
+    hand_over = table.unify_dictionaries()
+    with (atomic_path(csv_path, overwrite=True) as csv_tmp,
+          atomic_path(arrow_path, overwrite=True) as arrow_tmp):
+        in_parallel(  # Arrow's CSV writer and the IPC writer both run without the GIL
+            lambda: _writing(csv_path, lambda: pcsv.write_csv(text, csv_tmp)),
+            lambda: _writing(arrow_path, lambda: feather.write_feather(
+                hand_over, str(arrow_tmp), compression="uncompressed")),
+        )
+
+
+def _writing(final: Path, write: Callable[[], object]) -> None:
+    """Run one of two concurrent writes; a failure names its own file (both run inside both
+    files' atomic blocks, so the blocks cannot tell whose error it is)."""
+    try:
+        write()
+    except OSError as exc:
+        raise RtbError(f"{final}: write failed ({exc.strerror or exc})") from exc
 
 
 def _as_plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -100,6 +117,41 @@ def read_processed(
     looks at.
     """
     return _to_frame(_read_processed_table(path, cfg, require_target, with_id), cfg)
+
+
+def read_processed_many(
+    sources: list[Path], cfg: DatasetConfig, *, require_target: bool, with_id: bool = True
+) -> pd.DataFrame:
+    """Several hand-overs (the days of a training window) as one frame, in the given order.
+
+    Concatenated in Arrow, then one dictionary per column: concatenating pandas categoricals
+    whose categories differ would silently turn them into object columns.
+    """
+    tables = [
+        _read_processed_table(path, cfg, require_target, with_id).replace_schema_metadata(None)
+        for path in sources
+    ]
+    if not tables:
+        raise RtbError("no processed hand-over to read")
+    try:
+        table = pa.concat_tables(tables).unify_dictionaries()
+    except pa.ArrowInvalid as exc:
+        raise RtbError(f"{sources[0].parent}: hand-overs of different layouts ({exc}); "
+                       "run `rtb preprocess` again for each") from exc
+    return _to_frame(table, cfg)
+
+
+def hand_over_info(path: Path) -> tuple[dict[str, str], int]:
+    """The `rtb.*` schema metadata of a processed hand-over (its raw input's fingerprint) and
+    its row count, read from the memory-mapped file without decoding any column."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            metadata = reader.schema.metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RtbError(f"{path}: not a readable Arrow IPC file ({str(exc).splitlines()[0]})") from exc
+    return {k.decode(): v.decode() for k, v in metadata.items() if k.startswith(b"rtb.")}, rows
 
 
 @dataclass
