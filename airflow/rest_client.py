@@ -100,6 +100,33 @@ class AirflowClient:
         run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})
         return run["dag_run_id"]
 
+    def trigger_interval(self, dag_id: str, logical_date: str, conf: dict | None = None) -> str:
+        """Trigger a run for the schedule interval `logical_date` starts (unpausing the DAG)."""
+        self.wait_for_dag(dag_id)
+        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                           {"logical_date": logical_date, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def backfill(self, dag_id: str, from_date: str, to_date: str, max_active_runs: int = 3) -> dict:
+        """Create a backfill: one run per schedule interval starting in [from_date, to_date]."""
+        self.wait_for_dag(dag_id)
+        return self.request("POST", "/api/v2/backfills", {
+            "dag_id": dag_id, "from_date": from_date, "to_date": to_date,
+            "max_active_runs": max_active_runs, "reprocess_behavior": "none",
+        })
+
+    def runs(self, dag_id: str) -> list[dict]:
+        """The DAG's runs, newest first."""
+        answer = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=-run_after")
+        return answer["dag_runs"]
+
+    def clear_run(self, dag_id: str, run_id: str) -> None:
+        """Clear every task of a run, so that the run (its interval) executes again."""
+        self.request("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", {
+            "dag_run_id": run_id, "dry_run": False, "only_failed": False, "reset_dag_runs": True,
+        })
+
     def trigger(self, dag_id: str, dag_timeout: float = 180) -> str:
         """Wait until the DAG is parsed, then unpause and trigger it; the run's id."""
         self.wait_for_dag(dag_id, dag_timeout)
@@ -110,7 +137,9 @@ class AirflowClient:
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
         """The run's task instances by task id, in the API's order."""
-        answer = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances")
+        answer = self.request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances?limit=100"
+        )
         return {ti["task_id"]: ti for ti in answer["task_instances"]}
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
@@ -137,11 +166,21 @@ class AirflowClient:
                 raise TimeoutError(f"{dag_id}: runs still active after {timeout} s: {active}")
             time.sleep(POLL_SECONDS)
 
-    def task_log_lines(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> list[str]:
-        """The task's log, one string per log event."""
+    def task_log_lines(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int | None = None
+    ) -> list[str]:
+        """The task's log, one string per log event. A mapped task's first instance unless
+        `map_index` names another."""
+        if map_index is None:
+            answer = self.request(
+                "GET", f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances?limit=100"
+            )
+            indexes = [ti.get("map_index", -1) for ti in answer["task_instances"] if ti["task_id"] == task_id]
+            map_index = min(indexes) if indexes else -1
         answer = self.request(
             "GET",
-            f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances/{task_id}/logs/{try_number}",
+            f"/api/v2/dags/{dag_id}/dagRuns/{self.quote(run_id)}/taskInstances/{task_id}/logs/{try_number}"
+            f"?map_index={map_index}",
         )
         lines = []
         for item in answer["content"]:
@@ -151,9 +190,11 @@ class AirflowClient:
                 lines.append(str(item[-1]) if isinstance(item, list) else str(item))
         return lines
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+    def task_log(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int | None = None
+    ) -> str:
         """The task's log as text, one line per log event."""
-        return "\n".join(self.task_log_lines(dag_id, run_id, task_id, try_number))
+        return "\n".join(self.task_log_lines(dag_id, run_id, task_id, try_number, map_index))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class CliResult:
     code: int
     stderr: str
     log: str
+    stdout: str = ""
 
 
 @pytest.fixture
@@ -105,7 +106,8 @@ def run_cli(
                 code = 0
             except SystemExit as exc:
                 code = int(exc.code or 0)
-        return CliResult(code, capsys.readouterr().err, caplog.text)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.err, caplog.text, captured.out)
 
     return _run
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -46,6 +47,20 @@ DatasetOption = Annotated[
     ),
 ]
 SplitOption = Annotated[str, typer.Option("--split", help="train or test")]
+OptionalSplitOption = Annotated[
+    str | None, typer.Option("--split", help="train or test (default: train; not with --partition)")
+]
+PartitionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--partition",
+        help="A raw partition relative to data/raw: requests/date=YYYY-MM-DD/hour=HH or "
+        "labelled/date=YYYY-MM-DD (instead of --split).",
+    ),
+]
+RunIdOption = Annotated[
+    str | None, typer.Option("--run-id", help="The Airflow run id, recorded in what is written.")
+]
 
 
 def _paths(project_dir: Path | None) -> ProjectPaths:
@@ -120,32 +135,55 @@ def generate(
     )
 
 
+def _partition(partition: str) -> str:
+    """A partition name as `rtb.partitions` spells it, relative to data/raw."""
+    from rtb.partitions import parse_partition_name
+
+    parse_partition_name(partition)
+    return partition
+
+
+def _split_or_partition(split: str | None, partition: str | None, cfg: DatasetConfig) -> tuple[str, bool]:
+    """The unit a stage works on: (name, is_partition); --split and --partition exclude each other."""
+    if partition is not None:
+        if split is not None:
+            raise RtbError("--split and --partition: expected one of them, got both")
+        return _partition(partition), True
+    return _split(split or "train", cfg), False
+
+
 @app.command("make-dataset")
 def make_dataset(
-    split: SplitOption = "train",
+    split: OptionalSplitOption = None,
+    partition: PartitionOption = None,
     project_dir: ProjectDirOption = None,
     dataset_config: DatasetOption = None,
 ) -> None:
-    """Validate a raw gzip CSV and write data/interim/<split>.arrow."""
-    from rtb.data.make_dataset import run_make_dataset
+    """Validate a raw gzip CSV (or every file of a complete partition) and write
+    data/interim/<split or partition>.arrow."""
+    from rtb.data.make_dataset import run_make_dataset, run_make_dataset_partition
     from rtb.dataset_config import load_dataset_config
 
     cfg = load_dataset_config(dataset_config)
-    run_make_dataset(_paths(project_dir), _split(split, cfg), cfg)
+    name, is_partition = _split_or_partition(split, partition, cfg)
+    (run_make_dataset_partition if is_partition else run_make_dataset)(_paths(project_dir), name, cfg)
 
 
 @app.command()
 def preprocess(
-    split: SplitOption = "train",
+    split: OptionalSplitOption = None,
+    partition: PartitionOption = None,
     project_dir: ProjectDirOption = None,
     dataset_config: DatasetOption = None,
 ) -> None:
-    """Derive features; write data/processed/<split>_df.arrow (hand-over) and .csv (export)."""
+    """Derive features; write data/processed/<split or partition>_df.arrow (hand-over) and .csv
+    (export)."""
     from rtb.data.preprocessing import run_preprocess
     from rtb.dataset_config import load_dataset_config
 
     cfg = load_dataset_config(dataset_config)
-    run_preprocess(_paths(project_dir), _split(split, cfg), cfg)
+    name, _ = _split_or_partition(split, partition, cfg)
+    run_preprocess(_paths(project_dir), name, cfg)
 
 
 @app.command()
@@ -154,13 +192,40 @@ def train(
     dataset_config: DatasetOption = None,
     cv_folds: Annotated[int, typer.Option("--cv-folds", min=2)] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    window_end: Annotated[
+        str | None,
+        typer.Option(
+            "--window-end",
+            help="Train on the labelled days before this UTC hour's date (partition mode); "
+            "the latest day present is the holdout.",
+        ),
+    ] = None,
+    window_days: Annotated[
+        int | None,
+        typer.Option(
+            "--window-days", min=1, help="With --window-end: days (default $RTB_TRAIN_WINDOW_DAYS, else 7)."
+        ),
+    ] = None,
+    trigger_reason: Annotated[
+        str | None, typer.Option("--trigger-reason", help="Why this run was started; goes into the report.")
+    ] = None,
 ) -> None:
-    """Fit baseline and challenger, report CV + time holdout, promote if better."""
+    """Fit baseline and challenger, report CV + time holdout, promote if better; write the
+    model's drift profile."""
     from rtb.dataset_config import load_dataset_config
-    from rtb.models.make_training import run_training
+    from rtb.models.make_training import TrainingWindow, run_training
+    from rtb.partitions import parse_hour
+    from rtb.settings import train_window_days
 
+    window = None
+    if window_end is not None:
+        end = parse_hour(window_end, name="--window-end")
+        window = TrainingWindow(end, window_days or train_window_days())
+    elif window_days is not None:
+        raise RtbError("--window-days: only with --window-end")
     run_training(
-        _paths(project_dir), load_dataset_config(dataset_config), cv_folds=cv_folds, seed=seed
+        _paths(project_dir), load_dataset_config(dataset_config), cv_folds=cv_folds, seed=seed,
+        window=window, trigger_reason=trigger_reason,
     )
 
 
@@ -171,12 +236,164 @@ def predict(
     model: Annotated[
         Path | None, typer.Option("--model", help="Model pickle (default: the champion).")
     ] = None,
+    partition: PartitionOption = None,
+    interval_start: Annotated[
+        str | None, typer.Option("--interval-start", help="With --partition: the run's data interval start.")
+    ] = None,
+    interval_end: Annotated[
+        str | None, typer.Option("--interval-end", help="With --partition: the run's data interval end.")
+    ] = None,
+    run_id: RunIdOption = None,
 ) -> None:
-    """Score the processed test split; write predictions_<version>.npy/.csv + sidecar."""
+    """Score the processed test split (write predictions_<version>.npy/.csv + sidecar), or one
+    request partition (replace its set data/predictions/<partition>/)."""
     from rtb.dataset_config import load_dataset_config
-    from rtb.models.make_predicting import run_predicting
+    from rtb.models.make_predicting import run_predicting, run_predicting_partition
 
-    run_predicting(_paths(project_dir), load_dataset_config(dataset_config), model_path=model)
+    cfg, paths = load_dataset_config(dataset_config), _paths(project_dir)
+    interval = _interval(interval_start, interval_end, required=False)
+    if partition is None:
+        if interval is not None:
+            raise RtbError("--interval-start/--interval-end: only with --partition")
+        run_predicting(paths, cfg, model_path=model, run_id=run_id)
+        return
+    from rtb.partitions import REQUESTS, parse_partition_name
+
+    key = parse_partition_name(partition)
+    if key.kind != REQUESTS:
+        raise RtbError(f"--partition: expected a request partition (requests/...), got {partition!r}")
+    if interval is not None and not interval[0] <= key.hour < interval[1]:
+        raise RtbError(f"--partition {partition}: its hour is outside the interval "
+                       f"[{interval[0].isoformat()}, {interval[1].isoformat()})")
+    run_predicting_partition(
+        paths, cfg, partition, model_path=model, run_id=run_id,
+        interval=None if interval is None else (interval[0].isoformat(), interval[1].isoformat()),
+    )
+
+
+def _interval(start: str | None, end: str | None, *, required: bool) -> tuple[datetime, datetime] | None:
+    """--interval-start/--interval-end as UTC hours: both or neither (both if `required`)."""
+    from rtb.partitions import parse_hour
+
+    if start is None and end is None and not required:
+        return None
+    if start is None or end is None:
+        raise RtbError("--interval-start and --interval-end: expected both")
+    interval = parse_hour(start, name="--interval-start"), parse_hour(end, name="--interval-end")
+    if interval[1] <= interval[0]:
+        raise RtbError(f"--interval-end {end}: expected after --interval-start {start}")
+    return interval
+
+
+def _print_json(payload: dict) -> None:
+    """The one JSON object a task's caller reads: the last line of stdout (logs go to stderr)."""
+    import json
+
+    sys.stdout.write(json.dumps(payload, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _moment(text: str, name: str) -> datetime:
+    """An Airflow-rendered date-time, floored to its UTC hour (a manually triggered run's
+    interval need not be on the hour); said out loud when that changed it."""
+    from datetime import UTC
+
+    from rtb.partitions import floor_hour
+
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise RtbError(
+            f"{name}: expected an ISO date-time such as 2026-11-30T21:00:00+00:00, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    floored = floor_hour(moment)
+    if floored != moment:
+        log.warning("%s %s: not on an hour; using the hour's start %s", name, text, floored.isoformat())
+    return floored
+
+
+@app.command()
+def plan(
+    kind: Annotated[str, typer.Argument(help="predict or train")],
+    end: Annotated[str, typer.Option("--end", help="The run's data interval end (ISO).")],
+    start: Annotated[
+        str,
+        typer.Option("--start", help="The run's data interval start (ISO); empty for a run that "
+                     "has no interval (triggered without a logical date): the period ending at --end."),
+    ] = "",
+    window_days: Annotated[
+        int | None,
+        typer.Option(
+            "--window-days", min=1, help="train: labelled days (default $RTB_TRAIN_WINDOW_DAYS, else 7)."
+        ),
+    ] = None,
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+) -> None:
+    """Print, as the last stdout line, one JSON object: the units and arguments of one run."""
+    from datetime import timedelta
+
+    from rtb.dataset_config import load_dataset_config
+    from rtb.planning import plan_run
+    from rtb.settings import train_window_days
+
+    last = _moment(end, "--end")
+    # No interval: the schedule's period that ended last (an hour of requests; a training
+    # window is anchored at its end only).
+    first = _moment(start, "--start") if start.strip() else last - timedelta(hours=1)
+    payload = plan_run(
+        _paths(project_dir), load_dataset_config(dataset_config), kind, first, last,
+        window_days=window_days or train_window_days(),
+    )
+    log.info("plan %s (%s mode): %d unit(s), waiting for %d marker(s)", kind, payload["mode"],
+             len(payload["units"]), len(payload["wait_for"]))
+    _print_json(payload)
+
+
+@app.command()
+def monitor(
+    interval_start: Annotated[str | None, typer.Option("--interval-start")] = None,
+    interval_end: Annotated[str | None, typer.Option("--interval-end")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="test: the single-file mode")] = None,
+    run_id: RunIdOption = None,
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+) -> None:
+    """Drift of the interval's scored partitions (or the test split) from the champion's
+    profile, realised quality of labelled days; prints {"retrain", "reasons", "champion"}."""
+    from rtb.dataset_config import load_dataset_config
+    from rtb.monitoring.watch import MonitorLimits, run_monitor
+
+    cfg = load_dataset_config(dataset_config)
+    if split is not None:
+        if interval_start is not None or interval_end is not None:
+            raise RtbError("--split and --interval-start/--interval-end: expected one of them, got both")
+        if split != "test":
+            raise RtbError(f"--split: expected 'test', got {split!r}")
+        interval = None
+    else:
+        interval = _interval(interval_start, interval_end, required=True)
+    _print_json(run_monitor(_paths(project_dir), cfg, interval=interval, run_id=run_id,
+                            limits=MonitorLimits.from_env()))
+
+
+@app.command()
+def retention(
+    now: Annotated[str, typer.Option("--now", help="The moment ages are measured from (ISO).")],
+    max_age_days: Annotated[
+        int | None,
+        typer.Option("--max-age-days", min=1, help="Default $RTB_RETENTION_DAYS, else 30."),
+    ] = None,
+    project_dir: ProjectDirOption = None,
+) -> None:
+    """Delete raw partitions older than the age, with their interim/processed copies."""
+    from rtb.retention import run_retention
+    from rtb.settings import retention_days, train_window_days
+
+    run_retention(_paths(project_dir), now=_moment(now, "--now"),
+                  max_age_days=max_age_days or retention_days(), window_days=train_window_days())
 
 
 @app.command("check-model")

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from rtb.errors import RtbError
@@ -97,6 +97,30 @@ class ProjectPaths:
 
     def raw_partition(self, partition: str) -> Path:
         return self.raw_dir / partition
+
+    def partition_copies(self, partition: str) -> list[Path]:
+        """The files derived from one raw partition that hold its rows (interim, processed)."""
+        return [self.interim(partition), self.processed_arrow(partition), self.processed(partition)]
+
+    def profile(self, version: str) -> Path:
+        """The reference profile of a model version's training window (what drift is measured from)."""
+        return self.reports_dir / f"profile_{version}.yaml"
+
+    @property
+    def drift_dir(self) -> Path:
+        return self.reports_dir / "drift"
+
+    def drift_report(self, name: str) -> Path:
+        """The drift of one request partition (or split) from the champion: replaced on a re-run."""
+        return self.drift_dir / f"{name}.yaml"
+
+    def retrain_request(self, version: str) -> Path:
+        """The record that a retrain was requested while `version` was the champion (once each)."""
+        return self.drift_dir / f"retrain_requested_{version}.yaml"
+
+    def quality_report(self, day: date) -> Path:
+        """What the probabilities served on one UTC day were worth once its labels arrived."""
+        return self.reports_dir / "quality" / f"date={day.isoformat()}.yaml"
 
     @property
     def champion_pointer(self) -> Path:

@@ -119,6 +119,36 @@ def parse_partition(path: Path) -> PartitionKey:
     raise RtbError(f"{path}: not a partition folder; {expected}")
 
 
+def request_name(hour: datetime) -> str:
+    """A request partition's name: its path relative to the raw folder, e.g.
+    `requests/date=2025-06-10/hour=13`, which stages, artifacts and task arguments use."""
+    return request_partition(Path(), hour).as_posix()
+
+
+def labelled_name(day: date) -> str:
+    """A labelled partition's name, e.g. `labelled/date=2025-06-10` (see `request_name`)."""
+    return labelled_partition(Path(), day).as_posix()
+
+
+def partition_name(key: PartitionKey) -> str:
+    """The name of the partition `key` describes (see `request_name`)."""
+    return request_name(key.hour) if key.kind == REQUESTS and key.hour is not None else labelled_name(key.day)
+
+
+def parse_partition_name(text: str, *, name: str = "--partition") -> PartitionKey:
+    """A partition named relative to the raw folder, exactly as `partition_name` spells it.
+
+    Stricter than `parse_partition`: an absolute path, `..` or any prefix would name files
+    outside the project's layout (and derived artifacts would land elsewhere too).
+    """
+    key = parse_partition(Path(text))
+    if partition_name(key) != text:
+        raise RtbError(
+            f"{name}: expected a partition relative to data/raw such as {partition_name(key)!r}, got {text!r}"
+        )
+    return key
+
+
 def _parse_day(text: str, path: Path, expected: str) -> date:
     try:
         return date.fromisoformat(text)

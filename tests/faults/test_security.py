@@ -196,9 +196,16 @@ def test_job_containers_default_to_a_non_root_user_and_no_network() -> None:
     }
     assert defaults.get("RTB_HOST_UID") not in (None, "0", "root"), defaults
 
-    operators = [call for call in _calls(tree) if _name(call.func) == "RtbJobOperator"]
-    assert len(operators) == 1, "every task is built by rtb_task, in one place"
-    keywords = {kw.arg: kw.value for kw in operators[0].keywords}
+    builders = [call for call in _calls(tree) if _name(call.func) in ("RtbJobOperator", "partial")]
+    assert len(builders) == 2, "tasks are built in one place (plus the mapped form)"
+    for call in builders:
+        spread = [kw.value for kw in call.keywords if kw.arg is None and isinstance(kw.value, ast.Call)]
+        assert [_name(value.func) for value in spread] == ["job_settings"], "settings come from job_settings"
+    (settings,) = [node for node in ast.walk(tree)
+                   if isinstance(node, ast.FunctionDef) and node.name == "job_settings"]
+    (literal,) = [node.value for node in ast.walk(settings)
+                  if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict)]
+    keywords = {key.value: value for key, value in zip(literal.keys, literal.values, strict=True)}
     assert isinstance(keywords.get("network_mode"), ast.Constant)
     assert keywords["network_mode"].value == "none"
     assert isinstance(keywords.get("user"), ast.Name) and keywords["user"].id == "HOST_USER"

@@ -135,6 +135,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         "RTB_JOB_IMAGE": "rtb-pipeline-job:e2e",
         "RTB_SAMPLE_ROWS": str(SAMPLE_ROWS_TRAIN),
         "RTB_SAMPLE_TEST_ROWS": str(SAMPLE_ROWS_TEST),
+        # Running over time (tests/system/test_over_time.py): short waits, a two-day window.
+        "RTB_PARTITION_WAIT_SECONDS": "25",
+        "RTB_PARTITION_POKE_SECONDS": "5",
+        "RTB_TRAIN_WINDOW_DAYS": "2",
+        "RTB_RETENTION_DAYS": "5",
     }
     stack = Stack(root=root, base_url=f"http://127.0.0.1:{port}", env=env)
     up_log = root.parent / "run-sh-up.log"

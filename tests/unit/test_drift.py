@@ -250,14 +250,16 @@ def test_profile_round_trips_through_a_plain_dict_and_yaml() -> None:
 
 
 # --------------------------------------------------------------------------- thresholds
-def _report(psi_x: float, psi_c: float, score: float | None, unseen: float, **kw: float) -> DriftReport:
+def _report(psi_x: float, psi_c: float, score: float | None, unseen: float, *,
+            expected: float | None = None, **kw: float) -> DriftReport:
     return DriftReport(
         rows=1000,
         numeric_psi={"x": psi_x},
         categorical_psi={"campaignId": psi_c},
         score_psi=score,
         unseen_share={"campaignId": unseen},
-        thresholds=DriftThresholds(**kw),
+        thresholds=DriftThresholds(**({"unseen_share": 0.05} | kw)),
+        expected_unseen={} if expected is None else {"campaignId": expected},
     )
 
 
@@ -276,7 +278,7 @@ def test_crossing_at_the_threshold_with_reasons_and_summary() -> None:
     assert report.reasons == [
         "campaignId PSI 0.310 >= 0.2",
         "x PSI 0.250 >= 0.2",
-        "unseen campaignId 7.2% >= 5.0%",
+        "unseen campaignId 7.2%, 7.2% over the window's own 0.0% of new levels (>= 5.0%)",
     ]
     assert report.summary() == (
         "drift over 1,000 rows: max PSI 0.31 (campaignId), score PSI 0.05, unseen campaignId 7.2%; "
@@ -285,6 +287,25 @@ def test_crossing_at_the_threshold_with_reasons_and_summary() -> None:
     assert _report(0.2, 0.0, None, 0.0).reasons == ["x PSI 0.200 >= 0.2"]
     assert _report(0.0, 0.0, 0.2, 0.0).reasons == ["score PSI 0.200 >= 0.2"]
     assert _report(0.0, 0.0, None, 0.05).crossed
+
+
+def test_unseen_shares_count_only_above_the_windows_own_rate_of_new_levels() -> None:
+    """A window whose latest day had 15% rows with new levels expects as much tomorrow."""
+    assert not _report(0.0, 0.0, None, 0.19, expected=0.15).crossed  # 4 points over: normal
+    crossed = _report(0.0, 0.0, None, 0.21, expected=0.15)  # 6 points over the 5-point limit
+    assert crossed.crossed and crossed.unseen_excess("campaignId") == pytest.approx(0.06)
+    assert crossed.reasons == [
+        "unseen campaignId 21.0%, 6.0% over the window's own 15.0% of new levels (>= 5.0%)"
+    ]
+    assert crossed.to_dict()["expected_unseen_share"] == {"campaignId": 0.15}
+
+
+def test_new_level_shares_of_a_window() -> None:
+    from rtb.monitoring.profile import new_level_shares
+
+    earlier = pd.DataFrame({"c": pd.Categorical(["a", "b", "a", "b"])})
+    later = pd.DataFrame({"c": pd.Categorical(["a", "z", "z", "b", "y"])})
+    assert new_level_shares(earlier, later, ["c"]) == {"c": pytest.approx(3 / 5)}
 
 
 def test_thresholds_are_configurable_and_the_dict_is_yaml_able() -> None:

@@ -16,17 +16,30 @@ Settings come from the environment that docker-compose.yaml gives every Airflow 
 - RTB_TASK_RETRIES: retries for failures that may be transient (default 2).
 - RTB_STACK: the compose project name, put on task containers as a label so that
   `sh run.sh down` can remove the containers that failed tasks leave behind.
+- RTB_PARTITION_WAIT_SECONDS / RTB_PARTITION_POKE_SECONDS: how long a run waits for its raw
+  partition's `_SUCCESS` marker (default an hour) and how often it looks (default 30 s).
+- RTB_TRAIN_WINDOW_DAYS, RTB_RETENTION_DAYS, RTB_DRIFT_*: passed on to the job containers,
+  which read them (see README, "Running over time").
+
+What a run works on is decided by `rtb plan` inside the job image (which partitions an
+interval covers, or the single-file mode): it prints one JSON line, and the DAGs only turn it
+into task arguments (`work_from_plan`). The partition layout itself is defined once, in the
+image (`rtb.partitions`); the sensor waits for the marker paths the plan names.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from typing import Any
 
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.providers.standard.sensors.filesystem import FileSensor
+from airflow.sdk import Asset
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from docker.types import Mount
 
 JOB_IMAGE = os.environ.get("RTB_JOB_IMAGE", "rtb-pipeline-job:latest")
@@ -35,6 +48,24 @@ HOST_USER = f"{os.environ.get('RTB_HOST_UID', '1000')}:{os.environ.get('RTB_HOST
 STACK = os.environ.get("RTB_STACK", "rtb-pipeline")
 CONTAINER_PROJECT_DIR = "/project"
 DOCKER_URL = "unix://var/run/docker.sock"
+RAW_CONNECTION = "rtb_raw"  # an fs connection whose path is data/raw as Airflow's services see it
+PARTITION_WAIT_SECONDS = int(os.environ.get("RTB_PARTITION_WAIT_SECONDS", "3600"))
+PARTITION_POKE_SECONDS = int(os.environ.get("RTB_PARTITION_POKE_SECONDS", "30"))
+# Settings the job containers read; the DAGs only pass them through.
+JOB_SETTINGS = ("RTB_TRAIN_WINDOW_DAYS", "RTB_RETENTION_DAYS", "RTB_DRIFT_PSI",
+                "RTB_DRIFT_UNSEEN_SHARE", "RTB_QUALITY_CALIBRATION_LOW",
+                "RTB_QUALITY_CALIBRATION_HIGH")
+
+# The promoted model: train_pipeline's training task updates it (or leaves it as it was).
+MODEL_ASSET = Asset(name="rtb_champion_model", uri="file:///project/models/champion.yaml")
+
+# A run's interval as `rtb plan` takes it. Scheduled and backfilled runs have a data interval;
+# a run triggered with no logical date (the UI's default, `sh run.sh train`) has none, and then
+# plans from its `run_after`: the schedule period that ended last.
+INTERVAL_ARGS = (
+    "--start", "{{ data_interval_start if data_interval_start is defined else '' }}",
+    "--end", "{{ data_interval_end if data_interval_end is defined else dag_run.run_after }}",
+)
 
 # The one line `rtb` prints on stderr for an error that a retry cannot fix (bad input, no
 # model): the CLI contract's `rtb: error: ...`.
@@ -89,28 +120,132 @@ def project_mounts(*, models_read_only: bool = False) -> list[Mount]:
     ]
 
 
-def rtb_task(task_id: str, *rtb_args: str, models_read_only: bool = False) -> RtbJobOperator:
-    """One pipeline stage: `rtb <rtb_args> --project-dir /project` in the job image.
+def job_settings(task_id: str, *, models_read_only: bool = False, xcom: bool = False) -> dict[str, Any]:
+    """What every job container of the pipeline shares: image, host mounts, user, isolation.
 
-        The container's stdout and stderr are streamed into the task log line by line, so the
-        stage's own log (rows read, seconds, metrics) reads in the Airflow UI. Containers are
-        removed when they succeed and kept when they fail, for `docker logs` / `docker inspect`
+    The container's stdout and stderr are streamed into the task log line by line, so the
+    stage's own log (rows read, seconds, metrics) reads in the Airflow UI. Containers are
+    removed when they succeed and kept when they fail, for `docker logs` / `docker inspect`
     (until `sh run.sh down`).
     """
-    return RtbJobOperator(
-        task_id=task_id,
-        image=JOB_IMAGE,
-        command=[*rtb_args, "--project-dir", CONTAINER_PROJECT_DIR],
-        environment={"RTB_PROJECT_DIR": CONTAINER_PROJECT_DIR},
-        mounts=project_mounts(models_read_only=models_read_only),
-        user=HOST_USER,
-        docker_url=DOCKER_URL,
-        network_mode="none",
-        mount_tmp_dir=False,
-        auto_remove="success",
-        labels={"rtb-pipeline.stack": STACK, "rtb-pipeline.task": task_id},
-        # The stage's output is files, not XCom: don't push the last log line.
-        do_xcom_push=False,
+    environment = {"RTB_PROJECT_DIR": CONTAINER_PROJECT_DIR}
+    environment |= {name: os.environ[name] for name in JOB_SETTINGS if os.environ.get(name)}
+    return {
+        "image": JOB_IMAGE,
+        "environment": environment,
+        "mounts": project_mounts(models_read_only=models_read_only),
+        "user": HOST_USER,
+        "docker_url": DOCKER_URL,
+        "network_mode": "none",
+        "mount_tmp_dir": False,
+        "auto_remove": "success",
+        "labels": {"rtb-pipeline.stack": STACK, "rtb-pipeline.task": task_id},
+        # A stage's output is files; only `rtb plan` and `rtb monitor` answer through XCom
+        # (their JSON line: every line is pushed and the reader takes the last JSON one).
+        "do_xcom_push": xcom,
+        "xcom_all": xcom,
         # Never pull: the image is built locally by run.sh / `docker compose build`.
-        force_pull=False,
+        "force_pull": False,
+    }
+
+
+def rtb_task(
+    task_id: str, *rtb_args: str, models_read_only: bool = False, xcom: bool = False, **extra: Any
+) -> RtbJobOperator:
+    """One pipeline stage: `rtb <rtb_args> --project-dir /project` in the job image."""
+    return rtb_command_task(task_id, with_project(*rtb_args), models_read_only=models_read_only,
+                            xcom=xcom, **extra)
+
+
+def rtb_command_task(task_id: str, command: Any, *, models_read_only: bool = False,
+                     xcom: bool = False, **extra: Any) -> RtbJobOperator:
+    """A stage whose whole command may come from an upstream task (the plan's commands)."""
+    return RtbJobOperator(task_id=task_id, command=command,
+                          **job_settings(task_id, models_read_only=models_read_only, xcom=xcom),
+                          **extra)
+
+
+def trigger_training(task_id: str, *, reason_from: str) -> TriggerDagRunOperator:
+    """Start a train_pipeline run now, with the reason (the XCom of `reason_from`) in its conf,
+    which the run passes to `rtb train --trigger-reason` for its report."""
+    return TriggerDagRunOperator(
+        task_id=task_id,
+        trigger_dag_id="train_pipeline",
+        conf={"reason": f"{{{{ ti.xcom_pull(task_ids='{reason_from}') }}}}"},
     )
+
+
+def rtb_mapped(task_id: str, *, models_read_only: bool = False) -> Any:
+    """A stage run once per unit of a plan: `.expand(command=...)` with the plan's commands."""
+    return RtbJobOperator.partial(task_id=task_id, **job_settings(task_id, models_read_only=models_read_only))
+
+
+class PartitionSensor(FileSensor):
+    """Wait for a raw partition's `_SUCCESS` marker, deferred to the triggerer.
+
+    A partition that is still missing when the wait ends is not an error of the pipeline: the
+    interval is skipped (the run ends green with its tasks skipped) and the log says which
+    marker was missing and for how long it was awaited.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("fs_conn_id", RAW_CONNECTION)
+        kwargs.setdefault("deferrable", True)
+        kwargs.setdefault("soft_fail", True)
+        kwargs.setdefault("timeout", PARTITION_WAIT_SECONDS)
+        kwargs.setdefault("poke_interval", PARTITION_POKE_SECONDS)
+        kwargs.setdefault("retries", 0)
+        super().__init__(**kwargs)
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except AirflowSkipException:
+            message = (f"rtb: skipped: {self.filepath} did not appear within {self.timeout:.0f} s; "
+                       "this interval is skipped and nothing was written for it")
+            self.log.warning(message)
+            raise AirflowSkipException(message) from None
+
+
+def read_plan(lines: list[str] | str | None) -> dict[str, Any]:
+    """The JSON object `rtb plan` printed last (the pushed XCom holds every log line)."""
+    if isinstance(lines, str):
+        lines = [lines]
+    for line in reversed(lines or []):
+        text = line.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+    raise AirflowFailException("rtb plan printed no plan (see the plan task's log)")
+
+
+def with_project(*args: str) -> list[str]:
+    return [*args, "--project-dir", CONTAINER_PROJECT_DIR]
+
+
+def units_from_plan(plan: dict[str, Any], *, run_id: str) -> list[dict[str, Any]]:
+    """One entry per unit of the plan (a partition, or the single file): the marker to wait
+    for and the command of each per-unit stage. Mapped tasks take one field each."""
+    units = []
+    predict_args = plan.get("predict_args") or [[] for _ in plan["units"]]
+    for unit, predict in zip(plan["units"], predict_args, strict=True):
+        run = ["--run-id", run_id] if plan["mode"] == "partitions" else []
+        units.append({
+            "name": unit["name"],
+            "make_dataset": with_project("make-dataset", *unit["args"]),
+            "preprocessing": with_project("preprocess", *unit["args"]),
+            "predicting": with_project("predict", *predict, *run),
+        })
+    return units
+
+
+def run_commands_from_plan(
+    plan: dict[str, Any], *, run_id: str, trigger_reason: str | None = None
+) -> dict[str, list[str]]:
+    """The commands of the run's single tasks (monitor; training and retention)."""
+    if plan["kind"] == "predict":
+        return {"monitor": with_project("monitor", *plan["monitor_args"], "--run-id", run_id)}
+    reason = ["--trigger-reason", trigger_reason] if trigger_reason else []
+    return {
+        "training": with_project("train", *plan["train_args"], *reason),
+        "retention": with_project("retention", "--now", plan["interval"]["end"]),
+    }

@@ -1,31 +1,47 @@
 """
 ### predict_pipeline
 
-Scores the newest test log with the champion model, every hour.
+Scores the ad requests of each hour with the champion model, one run per data interval.
 
 1. `check_model`: `rtb check-model` verifies `models/champion.yaml` and the pickle it names.
-2. `make_dataset`: `rtb make-dataset --split test` checks `data/raw/test_data.csv.gz` and
-   writes `data/interim/test.arrow`.
-3. `preprocessing`: `rtb preprocess --split test` writes `data/processed/test_df.csv`.
-4. `predicting`: `rtb predict` scores it with the champion and writes
-   `data/predictions/predictions_<version>.npy` (with `.csv` and a `.yaml` sidecar).
+2. `plan`: `rtb plan predict` decides what this interval covers: the hourly partitions
+   `data/raw/requests/date=.../hour=...` of [data_interval_start, data_interval_end), or, in a
+   project that has no `requests/` folder, the single file `data/raw/test_data.csv.gz`.
+3. `wait_for_requests`: waits (deferred to the triggerer) for each partition's `_SUCCESS`
+   marker; a partition still missing after `RTB_PARTITION_WAIT_SECONDS` skips the interval.
+4. `make_dataset`, `preprocessing`, `predicting`: one task per partition; each partition has
+   ONE prediction set, `data/predictions/requests/date=.../hour=.../`, replaced as a whole when
+   the interval runs again (sidecar: interval, run id, model version and sha256).
+5. `monitor`: drift of the interval against the champion's training window, realised
+   calibration of days whose labels arrived; `reports/drift/...`, `reports/quality/...`.
+6. `retrain_needed` -> `trigger_training`: a drift or staleness past its threshold triggers
+   `train_pipeline` (once per champion), with the reason in its conf and report.
 
-`check_model` goes first so that, before any model has been trained, the run fails at once
-with a clear message instead of after the data preparation. `models/` is mounted read-only
-in this DAG, so predicting can never change a model.
+`models/` is mounted read-only in this DAG, so predicting can never change a model.
 """
 
 from __future__ import annotations
 
-from airflow.sdk import DAG
-from pipeline.common import DEFAULT_ARGS, rtb_task
+from airflow.sdk import DAG, task
+from pipeline.common import (
+    DEFAULT_ARGS,
+    INTERVAL_ARGS,
+    PartitionSensor,
+    read_plan,
+    rtb_command_task,
+    rtb_mapped,
+    rtb_task,
+    run_commands_from_plan,
+    trigger_training,
+    units_from_plan,
+)
 
 with DAG(
     dag_id="predict_pipeline",
-    description="champion model + raw test log -> install probabilities",
+    description="champion model + each hour's requests -> install probabilities, drift watch",
     schedule="@hourly",
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=4,
     default_args=DEFAULT_ARGS,
     doc_md=__doc__,
     tags=["rtb", "prediction"],
@@ -33,8 +49,49 @@ with DAG(
     # Predicting never needs to write a model: models/ is mounted read-only.
     read_only = {"models_read_only": True}
     check_model = rtb_task("check_model", "check-model", **read_only)
-    make_dataset = rtb_task("make_dataset", "make-dataset", "--split", "test", **read_only)
-    preprocessing = rtb_task("preprocessing", "preprocess", "--split", "test", **read_only)
-    predicting = rtb_task("predicting", "predict", **read_only)
+    plan = rtb_task("plan", "plan", "predict", *INTERVAL_ARGS, xcom=True, **read_only)
 
-    check_model >> make_dataset >> preprocessing >> predicting
+    @task
+    def units(plan_lines: list[str], run_id: str) -> list[dict]:
+        """One entry per partition of the interval (or the single file): what to wait for
+        and the command of each per-partition stage."""
+        return units_from_plan(read_plan(plan_lines), run_id=run_id)
+
+    @task(multiple_outputs=True)
+    def commands(plan_lines: list[str], run_id: str) -> dict:
+        """The commands of the run's single tasks."""
+        return run_commands_from_plan(read_plan(plan_lines), run_id=run_id)
+
+    @task
+    def markers(plan_lines: list[str]) -> list[str]:
+        """The `_SUCCESS` markers (paths under data/raw) this run waits for."""
+        return read_plan(plan_lines)["wait_for"]
+
+    per_unit = units(plan.output, run_id="{{ run_id }}")
+    single = commands(plan.output, run_id="{{ run_id }}")
+    wait_for_requests = PartitionSensor.partial(task_id="wait_for_requests").expand(
+        filepath=markers(plan.output)
+    )
+    make_dataset = rtb_mapped("make_dataset", **read_only).expand(
+        command=per_unit.map(lambda unit: unit["make_dataset"])
+    )
+    preprocessing = rtb_mapped("preprocessing", **read_only).expand(
+        command=per_unit.map(lambda unit: unit["preprocessing"])
+    )
+    predicting = rtb_mapped("predicting", **read_only).expand(
+        command=per_unit.map(lambda unit: unit["predicting"])
+    )
+    monitor = rtb_command_task("monitor", single["monitor"], xcom=True, **read_only)
+
+    @task.short_circuit
+    def retrain_needed(monitor_lines: list[str]) -> str:
+        """The reason to retrain (the monitor's decision), or "" to skip the trigger."""
+        decision = read_plan(monitor_lines)
+        return "; ".join(decision.get("reasons") or ["drift"]) if decision.get("retrain") else ""
+
+    reason = retrain_needed(monitor.output)
+    retrain = trigger_training("trigger_training", reason_from="retrain_needed")
+
+    check_model >> plan
+    [per_unit, single] >> wait_for_requests >> make_dataset >> preprocessing >> predicting >> monitor
+    reason >> retrain

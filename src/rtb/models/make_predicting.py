@@ -128,7 +128,9 @@ def _write_set_files(
     return npy
 
 
-def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None) -> Path:
+def run_predicting(
+    paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path | None, run_id: str | None = None
+) -> Path:
     """CLI stage: processed test hand-over -> predictions_<version>.npy, .csv and .yaml."""
     started = time.perf_counter()
     entry = registry.resolve_model(paths, model_path)
@@ -137,6 +139,8 @@ def run_predicting(paths: ProjectPaths, cfg: DatasetConfig, *, model_path: Path 
     version = claim_version(lambda v: paths.predictions(v, SUFFIXES[0]).exists())
     sidecar = _sidecar(version, probabilities, entry, source, input_sha, started)
     sidecar["outputs"] = [paths.predictions(version, suffix).name for suffix in SUFFIXES[:2]]
+    if run_id is not None:
+        sidecar["run_id"] = run_id
     npy = write_prediction_set(paths, version, ids, probabilities, sidecar)
     _log_done(probabilities, entry, npy, started)
     return npy

@@ -8,15 +8,23 @@ the report, so it runs while the model is refitted, pickled and drawn.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import joblib
+import pandas as pd
 
+from rtb import partitions
 from rtb.config import ProjectPaths, claim_version
-from rtb.data.preprocessing import read_processed
+from rtb.data.make_dataset import META_SOURCE_FILES, META_SOURCE_SHA
+from rtb.data.preprocessing import hand_over_info, read_processed, read_processed_many
 from rtb.dataset_config import DatasetConfig
+from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
 from rtb.models.promotion import compare_with_champion
@@ -31,9 +39,106 @@ from rtb.models.training import (
     select_model,
 )
 from rtb.models.training_report import build_report
+from rtb.monitoring.profile import new_level_shares, profile_training_window
 from rtb.overlap import in_parallel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingWindow:
+    """The labelled days one partitioned training run reads: the `days` UTC days before
+    `end`'s UTC date (Airflow's data-interval end of the train run)."""
+
+    end: datetime
+    days: int
+
+    @property
+    def dates(self) -> list[date]:
+        last = self.end.astimezone(UTC).date()
+        return partitions.days_between(last - timedelta(days=self.days), last)
+
+    def describe(self) -> str:
+        dates = self.dates
+        return f"training window {dates[0]} to {dates[-1]} ({self.days} days before {self.end.isoformat()})"
+
+
+@dataclass
+class WindowData:
+    """A training window's rows and the record of exactly which partitions they came from."""
+
+    frame: pd.DataFrame
+    section: dict[str, object]  # the report's `window` section
+    holdout_day: date
+    holdout_partition: str
+    inputs: dict[str, str]  # processed hand-over -> its sha256
+
+
+def read_window(paths: ProjectPaths, cfg: DatasetConfig, window: TrainingWindow) -> WindowData:
+    """The processed hand-overs of the window's days that exist, as one frame; the latest
+    present day is the holdout. Fewer than two days leave nothing to hold out: an error."""
+    names = {day: partitions.labelled_name(day) for day in window.dates}
+    present = [day for day, name in names.items() if paths.processed_arrow(name).exists()]
+    missing = [names[day] for day in window.dates if day not in present]
+    if missing:
+        log.warning("%s: %d of %d days have no processed hand-over and are left out: %s",
+                    window.describe(), len(missing), window.days, ", ".join(missing))
+    if len(present) < 2:
+        raise RtbError(
+            f"{window.describe()}: {len(present)} day(s) with a processed hand-over under "
+            f"{paths.processed_dir / partitions.LABELLED}; need at least 2 (the latest is the holdout)"
+        )
+    sources = [paths.processed_arrow(names[day]) for day in present]
+    described = [_window_partition(names[day], path) for day, path in zip(present, sources, strict=True)]
+    frame = read_processed_many(sources, cfg, require_target=True, with_id=False)
+    section = {
+        "end": window.end.isoformat(),
+        "days": window.days,
+        "first_day": window.dates[0].isoformat(),
+        "last_day": window.dates[-1].isoformat(),
+        "holdout": names[present[-1]],
+        "partitions": described,
+        "missing": missing,
+    }
+    inputs = {names[day]: sha256_file(path) for day, path in zip(present, sources, strict=True)}
+    return WindowData(frame, section, present[-1], names[present[-1]], inputs)
+
+
+def _window_partition(name: str, hand_over: Path) -> dict[str, object]:
+    """One partition of the window as the report lists it: the raw files behind it and rows."""
+    meta, rows = hand_over_info(hand_over)
+    if META_SOURCE_SHA.decode() not in meta or META_SOURCE_FILES.decode() not in meta:
+        raise RtbError(f"{hand_over}: lacks the raw input's sha256 in its metadata (written by an "
+                       f"older rtb); run `rtb make-dataset --partition {name}` and `rtb preprocess "
+                       f"--partition {name}` again")
+    return {
+        "name": name,
+        "sha256": meta[META_SOURCE_SHA.decode()],
+        "files": json.loads(meta[META_SOURCE_FILES.decode()]),
+        "rows": rows,
+    }
+
+
+def reference_profile(selection: Selection, cfg: DatasetConfig, version: str) -> dict[str, object]:
+    """The drift reference of a trained model: every feature over all rows it was trained on,
+    and the score distribution from the selected candidate's calibrated holdout probabilities.
+
+    Those are out-of-sample scores on the latest rows, which is what serving looks like (the
+    shipped refit would score its own training rows in-sample, more spread than it ever is
+    on new requests)."""
+    profile = profile_training_window(selection.frame, cfg)
+    holdout = selection.frame[selection.holdout]
+    scores = profile_training_window(
+        holdout, cfg, scores=selection.selected.holdout_probabilities
+    ).score
+    new_levels = new_level_shares(selection.frame[~selection.holdout], holdout, cfg.categorical)
+    return {
+        "version": version,
+        "model": selection.selected.name,
+        "scores_from": f"{selection.selected.name} fitted on the {selection.parts[0]}, calibrated "
+                       f"(cross-fitted Platt), on the {selection.parts[1]}",
+        **dataclasses.replace(profile, score=scores, new_levels=new_levels).to_dict(),
+    }
 
 
 def run_training(
@@ -43,18 +148,36 @@ def run_training(
     cv_folds: int,
     seed: int,
     limits: TrainingLimits = DEFAULT_LIMITS,
+    window: TrainingWindow | None = None,
+    trigger_reason: str | None = None,
 ) -> Path:
-    """CLI stage: processed hand-over -> versioned pickle, plots and report; champion pointer
-    if promoted. A failure takes back the new files this run wrote, never older ones."""
+    """CLI stage: processed hand-over (or a window of daily ones) -> versioned pickle, plots,
+    report and drift profile; champion pointer if promoted. A failure takes back the new files
+    this run wrote, never older ones."""
     started = time.perf_counter()
-    source = paths.processed_arrow("train")
-    frame, input_sha = in_parallel(  # hashing the input overlaps reading it
-        lambda: read_processed(source, cfg, require_target=True, with_id=False),
-        lambda: sha256_file(source) if source.exists() else None,
-    )
+    if trigger_reason:
+        log.info("training triggered: %s", trigger_reason)
+    holdout_starts = holdout_partition = data = None
+    if window is None:
+        source = paths.processed_arrow("train")
+        frame, input_sha = in_parallel(  # hashing the input overlaps reading it
+            lambda: read_processed(source, cfg, require_target=True, with_id=False),
+            lambda: sha256_file(source) if source.exists() else None,
+        )
+        label: object = source.name
+    else:
+        data = read_window(paths, cfg, window)
+        frame, input_sha, label = data.frame, data.inputs, list(data.inputs)
+        source = paths.processed_dir / partitions.LABELLED
+        holdout_starts = pd.Timestamp(data.holdout_day.isoformat(), tz="UTC")
+        holdout_partition = data.holdout_partition
+        data.frame = None
+        log.info("%s: %d of %d days, holdout %s", window.describe(), len(data.section["partitions"]),
+                 window.days, holdout_partition)
     log.info("read %d rows from %s in %.1f s", len(frame), source, time.perf_counter() - started)
     frame = in_time_order(frame, cfg)  # rebinding lets the unsorted copy go before fitting
-    selection = select_model(frame, cfg, seed=seed, limits=limits, source=str(source))
+    selection = select_model(frame, cfg, seed=seed, limits=limits, source=str(source),
+                             holdout_starts=holdout_starts)
     del frame
 
     version = claim_version(lambda v: paths.model(v).exists() or paths.report(v).exists())
@@ -64,19 +187,29 @@ def run_training(
             lambda: cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
             lambda: _refit_and_persist(paths, cfg, selection, version, seed, limits, written),
         )
+        profile_path = paths.profile(version)
+        write_yaml(profile_path, reference_profile(selection, cfg, version))
+        written.append(profile_path)
         with registry.promotion_lock(paths):
-            champion, decision = compare_with_champion(paths, cfg, selection, seed)
+            champion, decision = compare_with_champion(
+                paths, cfg, selection, seed, holdout_partition=holdout_partition
+            )
             artifacts = {
                 "model": entry.path.name,
                 "model_sha256": entry.sha256,
-                "input": source.name,
+                "input": label,
                 "input_sha256": input_sha,
+                "profile": profile_path.name,
             }
             report = build_report(
                 version, cfg, selection, model=model, cv=cv, refit=refit, decision=decision,
                 limits=limits, seed=seed, seconds=time.perf_counter() - started,
                 artifacts=artifacts,
             )
+            if data is not None:
+                report["window"] = data.section
+            if trigger_reason:
+                report["trigger"] = {"reason": trigger_reason}
             report_path = paths.report(version)
             write_yaml(report_path, report)
             written.clear()  # model and report now stand as a pair, promoted or not

@@ -10,15 +10,21 @@ from __future__ import annotations
 from rtb.config import ProjectPaths
 from rtb.dataset_config import DatasetConfig
 from rtb.features import feature_frame
+from rtb.io_utils import read_yaml
 from rtb.models import registry
 from rtb.models.metrics import bootstrap_log_loss_uplift, probability_metrics
 from rtb.models.training import Selection
 
 
 def compare_with_champion(
-    paths: ProjectPaths, cfg: DatasetConfig, selection: Selection, seed: int
+    paths: ProjectPaths, cfg: DatasetConfig, selection: Selection, seed: int,
+    *, holdout_partition: str | None = None,
 ) -> tuple[registry.ModelEntry | None, dict[str, object]]:
-    """The current champion (None if there is none) and the decision on replacing it."""
+    """The current champion (None if there is none) and the decision on replacing it.
+
+    With `holdout_partition` (a training window's latest day), the decision also says whether
+    the champion's own training window included that day: if it did, the champion is judged
+    on rows it learnt from, which favours keeping it."""
     champion = registry.current_champion(paths)
     if champion is None:
         return None, {"promoted": True, "reason": "no champion yet"}
@@ -44,4 +50,25 @@ def compare_with_champion(
         "uplift_vs_champion": uplift,
         "note": "the champion may have seen these holdout rows, which favours keeping it",
     }
+    if holdout_partition is not None:
+        seen = champion_saw(paths, champion, holdout_partition)
+        decision["holdout_partition"] = holdout_partition
+        decision["champion_window_included_holdout"] = seen
+        decision["note"] = (
+            f"the champion's training window included {holdout_partition}: it has seen these "
+            "holdout rows, which favours keeping it" if seen else
+            f"the champion's training window did not include {holdout_partition}: both models "
+            "are judged on rows neither learnt from" if seen is False else
+            f"the champion's report records no training window, so it may have seen "
+            f"{holdout_partition}, which favours keeping it"
+        )
     return champion, decision
+
+
+def champion_saw(paths: ProjectPaths, champion: registry.ModelEntry, partition: str) -> bool | None:
+    """Whether the champion's training window (from its report) held `partition`; None when
+    its report records no window (trained on the single training file)."""
+    window = read_yaml(paths.report(champion.version)).get("window")
+    if not isinstance(window, dict):
+        return None
+    return partition in [p.get("name") for p in window.get("partitions") or []]

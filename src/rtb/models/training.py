@@ -96,6 +96,7 @@ class Selection:
     X: pd.DataFrame
     y: np.ndarray
     holdout: np.ndarray  # boolean mask of the latest rows
+    parts: tuple[str, str] = ("early rows", "holdout")  # how the early rows and holdout are named
 
     @property
     def y_holdout(self) -> np.ndarray:
@@ -106,8 +107,14 @@ class Selection:
         return next(r for r in self.candidates if r.name == BASELINE)
 
 
-def time_holdout_split(stamps: pd.Series, share: float) -> np.ndarray:
-    """Boolean mask of the latest `share` of rows by timestamp (ties kept together)."""
+def time_holdout_split(
+    stamps: pd.Series, share: float, *, starts: pd.Timestamp | None = None
+) -> np.ndarray:
+    """Boolean mask of the latest `share` of rows by timestamp (ties kept together), or, with
+    `starts`, of the rows at or after that moment (a training window holds out its latest day:
+    the early fit then never saw the day the promotion gate judges it on)."""
+    if starts is not None:
+        return (stamps >= starts).to_numpy()
     cutoff = stamps.quantile(1.0 - share)
     holdout = (stamps > cutoff).to_numpy()
     if not holdout.any() or holdout.all():
@@ -117,20 +124,25 @@ def time_holdout_split(stamps: pd.Series, share: float) -> np.ndarray:
     return holdout
 
 
-def _early_share(limits: TrainingLimits) -> str:
-    return f"earliest {100 - round(100 * limits.holdout_share)}%"
+def holdout_parts(limits: TrainingLimits, starts: pd.Timestamp | None = None) -> tuple[str, str]:
+    """How the report and errors name the early rows and the holdout, e.g. "earliest 80% of
+    rows" and "latest 20% of rows"."""
+    if starts is not None:
+        return f"rows before {starts}", f"rows from {starts}"
+    return (f"earliest {100 - round(100 * limits.holdout_share)}% of rows",
+            f"latest {round(100 * limits.holdout_share)}% of rows")
 
 
 def _check_trainable(
-    y: np.ndarray, holdout: np.ndarray, source: str, target: str, limits: TrainingLimits
+    y: np.ndarray, holdout: np.ndarray, source: str, target: str, parts: tuple[str, str],
+    limits: TrainingLimits,
 ) -> None:
-    late = f"latest {round(100 * limits.holdout_share)}% (holdout)"
-    for label, rows in ((_early_share(limits), ~holdout), (late, holdout)):
+    for label, rows in zip((parts[0], f"{parts[1]} (holdout)"), (~holdout, holdout), strict=True):
         positives = int(y[rows].sum())
         if positives < limits.min_class_rows or positives > rows.sum() - limits.min_class_rows:
             raise RtbError(
-                f"{source}: column {target!r} has {positives} positives in the {label} of "
-                f"{int(rows.sum())} rows; need at least {limits.min_class_rows} of each class in "
+                f"{source}: column {target!r} has {positives} positives in the {label} "
+                f"({int(rows.sum())} rows); need at least {limits.min_class_rows} of each class in "
                 "both parts to train and calibrate"
             )
 
@@ -223,9 +235,13 @@ def select_model(
     limits: TrainingLimits = DEFAULT_LIMITS,
     candidates: tuple[str, ...] = tuple(CANDIDATES),
     source: str = "train_df",
+    holdout_starts: pd.Timestamp | None = None,
 ) -> Selection:
     """Processed frame -> every candidate fitted on the early rows, scored on the holdout,
-    and the one with the lowest calibrated holdout log loss selected."""
+    and the one with the lowest calibrated holdout log loss selected.
+
+    The holdout is the latest `limits.holdout_share` of rows, or with `holdout_starts` the
+    rows from that moment on."""
     unknown = [name for name in candidates if name not in CANDIDATES]
     if BASELINE not in candidates:
         candidates = (BASELINE, *candidates)
@@ -233,8 +249,9 @@ def select_model(
         raise RtbError(f"unknown candidate model(s) {unknown}; known: {list(CANDIDATES)}")
     frame = in_time_order(frame, cfg)
     y = frame[cfg.target].to_numpy().astype(np.int8)
-    holdout = time_holdout_split(frame[cfg.timestamp], limits.holdout_share)
-    _check_trainable(y, holdout, source, cfg.target, limits)
+    holdout = time_holdout_split(frame[cfg.timestamp], limits.holdout_share, starts=holdout_starts)
+    parts = holdout_parts(limits, holdout_starts)
+    _check_trainable(y, holdout, source, cfg.target, parts, limits)
     X = feature_frame(frame, cfg)
     log.info(
         "training on %d rows (%d early, %d holdout after %s), base rate %.4f",
@@ -260,7 +277,7 @@ def select_model(
     release_freed_memory()
     selected = min(results, key=lambda r: r.holdout["log_loss"])
     log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
-    return Selection(selected, results, frame, X, y, holdout)
+    return Selection(selected, results, frame, X, y, holdout, parts)
 
 
 def release_freed_memory() -> None:
@@ -348,7 +365,7 @@ def refit_on_all_rows(
         "platt_slope": slope,
         "platt_intercept": intercept + slope * shift,
         "seconds": round(time.perf_counter() - started, 2),
-        "note": f"holdout metrics are of the same pipeline fitted on the {_early_share(limits)} of rows",
+        "note": f"holdout metrics are of the same pipeline fitted on the {selection.parts[0]}",
     }
     log.info(
         "%s: refitted on all %d rows (%d after downsampling negatives to %.3f); Platt intercept "

@@ -115,7 +115,6 @@ def build_report(
     """The report YAML's content, in the order a reader wants it."""
     selected, frame, holdout = selection.selected, selection.frame, selection.holdout
     y_hold = selection.y_holdout
-    share = round(100 * limits.holdout_share)
     return {
         "version": version,
         "dataset": cfg.name,
@@ -141,7 +140,7 @@ def build_report(
         "promotion": decision,
         "calibration": {
             **selected.calibration,
-            "fitted_on": f"time holdout (latest {share}% of rows)",
+            "fitted_on": f"time holdout ({selection.parts[1]})",
             "overall_ratio": selected.holdout["calibration_ratio"],
             "by_segment": segment_calibration(
                 frame[holdout], y_hold, selected.holdout_probabilities, cfg

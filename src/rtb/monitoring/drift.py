@@ -45,7 +45,7 @@ PSI_FLOOR = 1e-4
 DEFAULT_PSI_THRESHOLD = 0.2
 # Requests whose level the model never saw get only the fallback encoding; at 5% of traffic
 # that fallback prices a noticeable share of the spend.
-DEFAULT_UNSEEN_THRESHOLD = 0.05
+DEFAULT_UNSEEN_THRESHOLD = 0.1
 DEFAULT_CALIBRATION_BAND = (0.9, 1.1)
 DEFAULT_NE_LIMIT = 1.0  # NE >= 1.0: no better than bidding the base rate to everyone
 
@@ -92,8 +92,8 @@ def unseen_share(values: pd.Series, known_levels: Iterable[str] | pd.Index) -> f
 # --------------------------------------------------------------------------- drift
 @dataclass(frozen=True)
 class DriftThresholds:
-    """When a drift report counts as crossed: PSI (features and score) or unseen share at or
-    above its threshold."""
+    """When a drift report counts as crossed: PSI (features and score) at or above `psi`, or an
+    unseen share exceeding the reference's own rate of new levels by `unseen_share` or more."""
 
     psi: float = DEFAULT_PSI_THRESHOLD
     unseen_share: float = DEFAULT_UNSEEN_THRESHOLD
@@ -121,11 +121,18 @@ class DriftReport:
         over = [name for name, value in psi.items() if value >= self.thresholds.psi]
         return sorted(over, key=lambda name: -psi[name])
 
+    # The reference's own rate of new levels per categorical (`ReferenceProfile.new_levels`);
+    # an unseen share crosses when it exceeds that rate by the threshold.
+    expected_unseen: dict[str, float] = field(default_factory=dict)
+
+    def unseen_excess(self, name: str) -> float:
+        return self.unseen_share[name] - self.expected_unseen.get(name, 0.0)
+
     @property
     def features_over_unseen(self) -> list[str]:
-        shares = self.unseen_share
-        over = [name for name, value in shares.items() if value >= self.thresholds.unseen_share]
-        return sorted(over, key=lambda name: -shares[name])
+        limit = self.thresholds.unseen_share
+        over = [name for name in self.unseen_share if self.unseen_excess(name) >= limit]
+        return sorted(over, key=lambda name: -self.unseen_excess(name))
 
     @property
     def reasons(self) -> list[str]:
@@ -135,7 +142,8 @@ class DriftReport:
         if self.score_psi is not None and self.score_psi >= t.psi:
             reasons.append(f"score PSI {self.score_psi:.3f} >= {t.psi:g}")
         reasons += [
-            f"unseen {name} {self.unseen_share[name]:.1%} >= {t.unseen_share:.1%}"
+            f"unseen {name} {self.unseen_share[name]:.1%}, {self.unseen_excess(name):.1%} over the "
+            f"window's own {self.expected_unseen.get(name, 0.0):.1%} of new levels (>= {t.unseen_share:.1%})"
             for name in self.features_over_unseen
         ]
         return reasons
@@ -174,6 +182,7 @@ class DriftReport:
             "thresholds": {k: float(v) for k, v in asdict(self.thresholds).items()},
             "psi": {name: float(v) for name, v in self.feature_psi.items()},
             "unseen_share": {name: float(v) for name, v in self.unseen_share.items()},
+            "expected_unseen_share": {name: float(v) for name, v in self.expected_unseen.items()},
         }
         if self.score_psi is not None:
             payload["score_psi"] = float(self.score_psi)
@@ -220,8 +229,9 @@ def drift_report(
             profile.score.shares, _shares(profile.score.counts(score_logits)), floor
         )
     unseen = {name: unseen_share(frame[name], known) for name, known in known_levels.items()}
+    expected = {name: profile.new_levels[name] for name in unseen if name in profile.new_levels}
     return DriftReport(
-        rows, numeric_psi, categorical_psi, score_psi, unseen, thresholds or DriftThresholds()
+        rows, numeric_psi, categorical_psi, score_psi, unseen, thresholds or DriftThresholds(), expected
     )
 
 

@@ -115,6 +115,9 @@ class ReferenceProfile:
     score: NumericBins | None = None
     bins: int = DEFAULT_BINS
     top_k: int = DEFAULT_TOP_K
+    # Per categorical, the share of the window's latest rows whose level its earlier rows did
+    # not have: how often new levels arrive in normal traffic (see `new_level_shares`).
+    new_levels: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain str/int/float/list/dict only, so `yaml.safe_dump` and JSON both take it."""
@@ -128,6 +131,8 @@ class ReferenceProfile:
         }
         if self.score is not None:
             payload["score"] = {"scale": SCORE_SCALE, **self.score.to_dict()}
+        if self.new_levels:
+            payload["new_levels"] = {name: float(v) for name, v in self.new_levels.items()}
         return payload
 
     @classmethod
@@ -148,6 +153,7 @@ class ReferenceProfile:
             score=None if score is None else NumericBins.from_dict(score),
             bins=int(payload["bins"]),
             top_k=int(payload["top_k"]),
+            new_levels={str(k): float(v) for k, v in (payload.get("new_levels") or {}).items()},
         )
 
 
@@ -206,6 +212,23 @@ def profile_training_window(
         bins=bins,
         top_k=top_k,
     )
+
+
+def new_level_shares(
+    earlier: pd.DataFrame, later: pd.DataFrame, categorical: Sequence[str]
+) -> dict[str, float]:
+    """Per categorical, the share of `later` rows whose level `earlier` never had.
+
+    Long-tail ids bring new levels all the time (launches, new devices), so an unseen share is
+    drift only when it exceeds this normal rate; measured on a training window's latest rows
+    against its earlier ones, it is the rate a model trained on the window should expect.
+    """
+    from rtb.monitoring.drift import unseen_share
+
+    return {
+        name: unseen_share(later[name], pd.Index(pd.unique(earlier[name].astype(str))))
+        for name in categorical
+    }
 
 
 def _numeric_profile(values: np.ndarray, bins: int) -> NumericBins:
