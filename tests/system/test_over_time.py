@@ -83,6 +83,12 @@ def stream(stack, api, predicted_run) -> Stream:
     return written
 
 
+def _trigger_hour(api, hour: datetime) -> str:
+    """A predict_pipeline run for `hour`: a run triggered with a logical date covers the
+    schedule period that ends there (a backfill's runs start at theirs)."""
+    return api.trigger_interval("predict_pipeline", _iso(hour + timedelta(hours=1)))
+
+
 def _wait_for_runs(api, dag_id: str, run_ids: list[str]) -> dict[str, str]:
     return {run_id: api.wait_for_run(dag_id, run_id, RUN_TIMEOUT) for run_id in run_ids}
 
@@ -147,8 +153,8 @@ def skipped_runs(api, stream, backfilled) -> dict[str, str]:
     source = next((stream.raw / _hour_name(backfilled["hours"][0])).glob("*.csv.gz"))
     (half_copied / source.name).write_bytes(source.read_bytes())
     runs = {
-        "missing": api.trigger_interval("predict_pipeline", _iso(missing)),
-        "half": api.trigger_interval("predict_pipeline", _iso(half)),
+        "missing": _trigger_hour(api, missing),
+        "half": _trigger_hour(api, half),
     }
     states = _wait_for_runs(api, "predict_pipeline", list(runs.values()))
     return {kind: (run_id, states[run_id], hour) for (kind, run_id), hour in
@@ -189,6 +195,8 @@ def window_run(api, stream, skipped_runs) -> dict:
         os.utime(folder / "_SUCCESS", (past, past))
         os.utime(folder, (past, past))
     day = stream.shift_day
+    # Its interval is the day ending at 06:00 of the shift day: the window is the two days
+    # before the shift day.
     logical = datetime(day.year, day.month, day.day, 6, tzinfo=UTC)
     run_id = api.trigger_interval("train_pipeline", _iso(logical))
     state = api.wait_for_run("train_pipeline", run_id, RUN_TIMEOUT)
@@ -224,14 +232,14 @@ def test_drift_triggers_a_training_and_no_drift_does_not(api, stream, window_run
         return {r["dag_run_id"] for r in api.runs("train_pipeline")}
 
     before = train_runs()
-    calm = api.trigger_interval("predict_pipeline", _iso(stream.hour(-1, 20)))
+    calm = _trigger_hour(api, stream.hour(-1, 20))
     assert api.wait_for_run("predict_pipeline", calm, RUN_TIMEOUT) == "success"
     calm_tis = api.task_instances("predict_pipeline", calm)
     assert calm_tis["monitor"]["state"] == "success"
     assert calm_tis["trigger_training"]["state"] == "skipped"
     assert train_runs() == before
 
-    drifted = api.trigger_interval("predict_pipeline", _iso(stream.hour(0, 8)))
+    drifted = _trigger_hour(api, stream.hour(0, 8))
     assert api.wait_for_run("predict_pipeline", drifted, RUN_TIMEOUT) == "success"
     assert api.task_instances("predict_pipeline", drifted)["trigger_training"]["state"] == "success"
     report = yaml.safe_load(

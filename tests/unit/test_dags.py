@@ -33,7 +33,7 @@ HOST_ENV = {
 
 EXPECTED = {
     "train_pipeline": {
-        "schedule": "0 6 * * *",
+        "cron": "0 6 * * *",
         "max_active_runs": 1,
         "docker": {"plan", "make_dataset", "preprocessing", "training", "retention"},
         "mapped": {"wait_for_labels", "make_dataset", "preprocessing"},
@@ -47,7 +47,7 @@ EXPECTED = {
         },
     },
     "predict_pipeline": {
-        "schedule": "@hourly",
+        "cron": "0 * * * *",
         "max_active_runs": 4,
         "docker": {"check_model", "plan", "make_dataset", "preprocessing", "predicting", "monitor"},
         "mapped": {"wait_for_requests", "make_dataset", "preprocessing", "predicting"},
@@ -118,7 +118,10 @@ def test_tasks_and_edges(dagbag, dag_id: str) -> None:
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))
 def test_schedule_and_run_settings(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
-    assert dag.schedule == EXPECTED[dag_id]["schedule"]
+    # A data-interval timetable: each run covers the period before it, in UTC (a plain cron
+    # string would give runs whose interval is a single instant).
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert dag.schedule.expression == EXPECTED[dag_id]["cron"] and str(dag.schedule.timezone) == "UTC"
     assert dag.catchup is False
     assert dag.max_active_runs == EXPECTED[dag_id]["max_active_runs"]
     assert dag.doc_md and dag_id in dag.doc_md

@@ -38,7 +38,7 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.filesystem import FileSensor
-from airflow.sdk import Asset
+from airflow.sdk import Asset, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from docker.types import Mount
 
@@ -249,3 +249,45 @@ def run_commands_from_plan(
         "training": with_project("train", *plan["train_args"], *reason),
         "retention": with_project("retention", "--now", plan["interval"]["end"]),
     }
+
+
+def plan_driven_stages(
+    plan: RtbJobOperator, *, sensor_id: str, models_read_only: bool = False
+) -> dict[str, Any]:
+    """The tasks both DAGs build from their plan: the plan's units, its single commands and
+    its markers; the partition sensor; make_dataset and preprocessing once per unit.
+
+    Called inside a DAG's context, so the tasks belong to that DAG. A run triggered with a
+    reason in its conf (drift) passes it on to its training command.
+    """
+    read_only = {"models_read_only": models_read_only}
+
+    @task
+    def units(plan_lines: list[str], run_id: str) -> list[dict]:
+        """One entry per unit of the plan (a partition, or the single file): the command of
+        each per-unit stage."""
+        return units_from_plan(read_plan(plan_lines), run_id=run_id)
+
+    @task(multiple_outputs=True)
+    def commands(plan_lines: list[str], run_id: str) -> dict:
+        """The commands of the run's single tasks."""
+        conf = get_current_context()["dag_run"].conf or {}
+        return run_commands_from_plan(read_plan(plan_lines), run_id=run_id,
+                                      trigger_reason=conf.get("reason"))
+
+    @task
+    def markers(plan_lines: list[str]) -> list[str]:
+        """The `_SUCCESS` markers (paths under data/raw) this run waits for."""
+        return read_plan(plan_lines)["wait_for"]
+
+    per_unit = units(plan.output, run_id="{{ run_id }}")
+    single = commands(plan.output, run_id="{{ run_id }}")
+    wait = PartitionSensor.partial(task_id=sensor_id).expand(filepath=markers(plan.output))
+    make_dataset = rtb_mapped("make_dataset", **read_only).expand(
+        command=per_unit.map(lambda unit: unit["make_dataset"])
+    )
+    preprocessing = rtb_mapped("preprocessing", **read_only).expand(
+        command=per_unit.map(lambda unit: unit["preprocessing"])
+    )
+    [per_unit, single] >> wait >> make_dataset >> preprocessing
+    return {"units": per_unit, "commands": single, "preprocessing": preprocessing}

@@ -22,24 +22,25 @@ Scores the ad requests of each hour with the champion model, one run per data in
 
 from __future__ import annotations
 
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, CronDataIntervalTimetable, task
 from pipeline.common import (
     DEFAULT_ARGS,
     INTERVAL_ARGS,
-    PartitionSensor,
+    plan_driven_stages,
     read_plan,
     rtb_command_task,
     rtb_mapped,
     rtb_task,
-    run_commands_from_plan,
     trigger_training,
-    units_from_plan,
 )
 
 with DAG(
     dag_id="predict_pipeline",
     description="champion model + each hour's requests -> install probabilities, drift watch",
-    schedule="@hourly",
+    # Data intervals, not trigger times: each run covers [data_interval_start,
+    # data_interval_end), the period before it (Airflow 3's plain cron strings give runs
+    # whose interval is a single instant).
+    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=4,
     default_args=DEFAULT_ARGS,
@@ -51,37 +52,11 @@ with DAG(
     check_model = rtb_task("check_model", "check-model", **read_only)
     plan = rtb_task("plan", "plan", "predict", *INTERVAL_ARGS, xcom=True, **read_only)
 
-    @task
-    def units(plan_lines: list[str], run_id: str) -> list[dict]:
-        """One entry per partition of the interval (or the single file): what to wait for
-        and the command of each per-partition stage."""
-        return units_from_plan(read_plan(plan_lines), run_id=run_id)
-
-    @task(multiple_outputs=True)
-    def commands(plan_lines: list[str], run_id: str) -> dict:
-        """The commands of the run's single tasks."""
-        return run_commands_from_plan(read_plan(plan_lines), run_id=run_id)
-
-    @task
-    def markers(plan_lines: list[str]) -> list[str]:
-        """The `_SUCCESS` markers (paths under data/raw) this run waits for."""
-        return read_plan(plan_lines)["wait_for"]
-
-    per_unit = units(plan.output, run_id="{{ run_id }}")
-    single = commands(plan.output, run_id="{{ run_id }}")
-    wait_for_requests = PartitionSensor.partial(task_id="wait_for_requests").expand(
-        filepath=markers(plan.output)
-    )
-    make_dataset = rtb_mapped("make_dataset", **read_only).expand(
-        command=per_unit.map(lambda unit: unit["make_dataset"])
-    )
-    preprocessing = rtb_mapped("preprocessing", **read_only).expand(
-        command=per_unit.map(lambda unit: unit["preprocessing"])
-    )
+    stages = plan_driven_stages(plan, sensor_id="wait_for_requests", **read_only)
     predicting = rtb_mapped("predicting", **read_only).expand(
-        command=per_unit.map(lambda unit: unit["predicting"])
+        command=stages["units"].map(lambda unit: unit["predicting"])
     )
-    monitor = rtb_command_task("monitor", single["monitor"], xcom=True, **read_only)
+    monitor = rtb_command_task("monitor", stages["commands"]["monitor"], xcom=True, **read_only)
 
     @task.short_circuit
     def retrain_needed(monitor_lines: list[str]) -> str:
@@ -93,5 +68,5 @@ with DAG(
     retrain = trigger_training("trigger_training", reason_from="retrain_needed")
 
     check_model >> plan
-    [per_unit, single] >> wait_for_requests >> make_dataset >> preprocessing >> predicting >> monitor
+    stages["preprocessing"] >> predicting >> monitor
     reason >> retrain

@@ -25,24 +25,23 @@ downstream runs, so the current champion model stays in place.
 
 from __future__ import annotations
 
-from airflow.sdk import DAG, get_current_context, task
+from airflow.sdk import DAG, CronDataIntervalTimetable
 from pipeline.common import (
     DEFAULT_ARGS,
     INTERVAL_ARGS,
     MODEL_ASSET,
-    PartitionSensor,
-    read_plan,
+    plan_driven_stages,
     rtb_command_task,
-    rtb_mapped,
     rtb_task,
-    run_commands_from_plan,
-    units_from_plan,
 )
 
 with DAG(
     dag_id="train_pipeline",
     description="labelled days of a moving window -> features -> calibrated model + report",
-    schedule="0 6 * * *",
+    # Data intervals, not trigger times: each run covers [data_interval_start,
+    # data_interval_end), the period before it (Airflow 3's plain cron strings give runs
+    # whose interval is a single instant).
+    schedule=CronDataIntervalTimetable("0 6 * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
@@ -51,35 +50,8 @@ with DAG(
 ) as dag:
     plan = rtb_task("plan", "plan", "train", *INTERVAL_ARGS, xcom=True)
 
-    @task
-    def units(plan_lines: list[str], run_id: str) -> list[dict]:
-        """One entry per labelled day of the window (or the single file)."""
-        return units_from_plan(read_plan(plan_lines), run_id=run_id)
+    stages = plan_driven_stages(plan, sensor_id="wait_for_labels")
+    training = rtb_command_task("training", stages["commands"]["training"], outlets=[MODEL_ASSET])
+    retention = rtb_command_task("retention", stages["commands"]["retention"])
 
-    @task(multiple_outputs=True)
-    def commands(plan_lines: list[str], run_id: str) -> dict:
-        """Training and retention commands; a run triggered by drift says why it runs."""
-        conf = get_current_context()["dag_run"].conf or {}
-        return run_commands_from_plan(read_plan(plan_lines), run_id=run_id,
-                                      trigger_reason=conf.get("reason"))
-
-    @task
-    def markers(plan_lines: list[str]) -> list[str]:
-        """The `_SUCCESS` markers (paths under data/raw) this run waits for."""
-        return read_plan(plan_lines)["wait_for"]
-
-    per_unit = units(plan.output, run_id="{{ run_id }}")
-    single = commands(plan.output, run_id="{{ run_id }}")
-    wait_for_labels = PartitionSensor.partial(task_id="wait_for_labels").expand(
-        filepath=markers(plan.output)
-    )
-    make_dataset = rtb_mapped("make_dataset").expand(
-        command=per_unit.map(lambda unit: unit["make_dataset"])
-    )
-    preprocessing = rtb_mapped("preprocessing").expand(
-        command=per_unit.map(lambda unit: unit["preprocessing"])
-    )
-    training = rtb_command_task("training", single["training"], outlets=[MODEL_ASSET])
-    retention = rtb_command_task("retention", single["retention"])
-
-    [per_unit, single] >> wait_for_labels >> make_dataset >> preprocessing >> training >> retention
+    stages["preprocessing"] >> training >> retention

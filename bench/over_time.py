@@ -1,0 +1,159 @@
+"""Running over time, measured through the real stack: one hourly predict run end to end, and a
+backfill of N hours.
+
+Usage: `python bench/over_time.py [--rows-per-hour 150000] [--hours 24] [--max-active-runs 4]`
+
+Brings up a private copy of the stack with `sh run.sh` (as the system tests do: own compose
+project, free ports, `:bench` image tags), writes a partitioned stream into its data/raw
+(two labelled days for one training run, then `--hours` hourly request partitions of
+`--rows-per-hour` each), trains once, then measures:
+
+1. one predict_pipeline run for one hour: trigger to prediction set on disk, and how much of
+   it the stage containers themselves took (the `rtb` lines' own seconds in each task log)
+   versus Airflow's scheduling, the sensor and container start-up;
+2. a backfill over `--hours` hours: wall time and runs per minute.
+
+Figures are printed (no assertions); needs Docker and BASE_IMAGE/POSTGRES_IMAGE as run.sh.
+The stack is torn down at the end (`--keep` leaves it up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from importlib import util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = util.spec_from_file_location("rest_client", REPO / "airflow" / "rest_client.py")
+rest_client = util.module_from_spec(_spec)
+_spec.loader.exec_module(rest_client)  # type: ignore[union-attr]
+
+STAGE_SECONDS = re.compile(r"INFO rtb[\w.]*: .* in (\d+(?:\.\d+)?) s(?:$| in all)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _copy_repo(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        source = REPO / raw.decode()
+        if source.is_file():
+            target = dest / raw.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def _generate(raw: Path, *, end: datetime, days: int, rows_per_day: int) -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "rtb.cli", "generate", "--stream", "--out", str(raw),
+                    "--days", str(days), "--rows-per-day", str(rows_per_day),
+                    "--end", end.strftime("%Y-%m-%dT%H:%M:%SZ")], check=True)
+    return time.monotonic() - started
+
+
+def _stage_seconds(api: object, dag_id: str, run_id: str) -> dict[str, float]:
+    """Seconds each stage container reported for itself (its final `... in N s` line)."""
+    out: dict[str, float] = {}
+    for task_id, ti in api.task_instances(dag_id, run_id).items():  # type: ignore[attr-defined]
+        if ti["state"] != "success":
+            continue
+        lines = api.task_log_lines(dag_id, run_id, task_id, ti["try_number"])  # type: ignore[attr-defined]
+        found = [float(m.group(1)) for line in lines if (m := STAGE_SECONDS.search(line))]
+        if found:
+            out[task_id] = found[-1]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows-per-hour", type=int, default=150_000)
+    parser.add_argument("--hours", type=int, default=24)
+    parser.add_argument("--max-active-runs", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="leave the stack up")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="rtb-bench-over-time-")) / "rtb-pipeline"
+    _copy_repo(root)
+    port = _free_port()
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": f"rtb-bench-{uuid.uuid4().hex[:6]}",
+           "AIRFLOW_PORT": str(port), "SCORING_PORT": str(_free_port()),
+           "AIRFLOW_IMAGE": "rtb-pipeline-airflow:bench", "RTB_JOB_IMAGE": "rtb-pipeline-job:bench",
+           "RTB_SAMPLE": "files", "RTB_SAMPLE_ROWS": "20000", "RTB_SAMPLE_TEST_ROWS": "5000",
+           "RTB_TRAIN_WINDOW_DAYS": "2", "RTB_PARTITION_POKE_SECONDS": "5"}
+
+    def run_sh(*words: str, timeout: float = 1800) -> None:
+        subprocess.run(["sh", "run.sh", *words], cwd=root, env=env, check=True, timeout=timeout,
+                       stdout=subprocess.DEVNULL)
+
+    started = time.monotonic()
+    run_sh()
+    print(f"stack up in {time.monotonic() - started:.0f} s ({root})", flush=True)
+    api = rest_client.AirflowClient(f"http://127.0.0.1:{port}", "airflow", "airflow")
+    try:
+        raw = root / "data" / "raw"
+        for name in ("training_data.csv.gz", "test_data.csv.gz"):
+            (raw / name).unlink()
+        end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+        requests_start = end - timedelta(days=2)
+        # Two labelled days before the request partitions: one training run on them.
+        day0 = requests_start.replace(hour=0) - timedelta(days=2)
+        seconds = _generate(raw, end=day0 + timedelta(days=2), days=2,
+                            rows_per_day=args.rows_per_hour * 24 // 4)
+        print(f"two labelled days generated in {seconds:.0f} s", flush=True)
+        train = api.trigger_interval("train_pipeline", (day0 + timedelta(days=1, hours=6)).isoformat())
+        started = time.monotonic()
+        state = api.wait_for_run("train_pipeline", train, 3600)
+        print(f"train_pipeline on 2 days: {state} in {time.monotonic() - started:.0f} s; "
+              f"stages {_stage_seconds(api, 'train_pipeline', train)}", flush=True)
+
+        seconds = _generate(raw, end=end, days=2, rows_per_day=args.rows_per_hour * 24)
+        print(f"48 hourly partitions of {args.rows_per_hour:,} rows generated in {seconds:.0f} s")
+        first_hour = end - timedelta(hours=args.hours)
+        one = first_hour - timedelta(hours=1)
+        started = time.monotonic()
+        run_id = api.trigger_interval("predict_pipeline", one.isoformat())
+        state = api.wait_for_run("predict_pipeline", run_id, 3600)
+        total = time.monotonic() - started
+        stages = _stage_seconds(api, "predict_pipeline", run_id)
+        ours = sum(stages.values())
+        print(f"one hour ({args.rows_per_hour:,} rows), trigger to prediction set: {state} in "
+              f"{total:.1f} s; stage containers' own seconds {ours:.1f} ({stages}); "
+              f"Airflow, sensor and container start-up {total - ours:.1f} s", flush=True)
+
+        started = time.monotonic()
+        api.backfill("predict_pipeline", first_hour.isoformat(),
+                     (first_hour + timedelta(hours=args.hours - 1)).isoformat(), args.max_active_runs)
+        while True:
+            runs = [r for r in api.runs("predict_pipeline") if r["run_type"] == "backfill"]
+            if len(runs) == args.hours and all(r["state"] in ("success", "failed") for r in runs):
+                break
+            time.sleep(5)
+        wall = time.monotonic() - started
+        ok = sum(r["state"] == "success" for r in runs)
+        print(f"backfill of {args.hours} hours: {ok} succeeded in {wall:.0f} s, "
+              f"{args.hours / wall * 60:.1f} runs per minute "
+              f"(max_active_runs {args.max_active_runs}, load average {os.getloadavg()[0]:.1f})")
+    finally:
+        if not args.keep:
+            subprocess.run(["sh", "run.sh", "down", "-v"], cwd=root, env=env, timeout=600,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
