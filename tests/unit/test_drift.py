@@ -300,6 +300,17 @@ def test_unseen_shares_count_only_above_the_windows_own_rate_of_new_levels() -> 
     assert crossed.to_dict()["expected_unseen_share"] == {"campaignId": 0.15}
 
 
+def test_too_few_rows_are_reported_but_never_a_reason() -> None:
+    """On a few hundred rows a PSI over 20 buckets is sampling noise, not drift."""
+    report = DriftReport(rows=141, numeric_psi={"x": 0.9}, categorical_psi={}, score_psi=0.5,
+                         unseen_share={"campaignId": 0.9}, thresholds=DriftThresholds())
+    assert not report.crossed and report.reasons == []
+    assert report.summary().endswith("-> too few rows to judge (< 500)")
+    assert report.to_dict()["psi"] == {"x": 0.9}
+    assert DriftReport(rows=500, numeric_psi={"x": 0.9}, categorical_psi={}, score_psi=None,
+                       unseen_share={}).crossed
+
+
 def test_new_level_shares_of_a_window() -> None:
     from rtb.monitoring.profile import new_level_shares
 
@@ -314,7 +325,7 @@ def test_thresholds_are_configurable_and_the_dict_is_yaml_able() -> None:
     payload = report.to_dict()
     assert _plain(payload) and yaml.safe_load(yaml.safe_dump(payload)) == payload
     assert payload["crossed"] is False
-    assert payload["thresholds"] == {"psi": 0.35, "unseen_share": 0.1}
+    assert payload["thresholds"] == {"psi": 0.35, "unseen_share": 0.1, "min_rows": 500}
     assert payload["psi"] == {"x": 0.25, "campaignId": 0.31} and payload["score_psi"] == 0.05
 
 

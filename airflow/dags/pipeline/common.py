@@ -53,7 +53,7 @@ PARTITION_WAIT_SECONDS = int(os.environ.get("RTB_PARTITION_WAIT_SECONDS", "3600"
 PARTITION_POKE_SECONDS = int(os.environ.get("RTB_PARTITION_POKE_SECONDS", "30"))
 # Settings the job containers read; the DAGs only pass them through.
 JOB_SETTINGS = ("RTB_TRAIN_WINDOW_DAYS", "RTB_RETENTION_DAYS", "RTB_DRIFT_PSI",
-                "RTB_DRIFT_UNSEEN_SHARE", "RTB_QUALITY_CALIBRATION_LOW",
+                "RTB_DRIFT_UNSEEN_SHARE", "RTB_DRIFT_MIN_ROWS", "RTB_QUALITY_CALIBRATION_LOW",
                 "RTB_QUALITY_CALIBRATION_HIGH")
 
 # The promoted model: train_pipeline's training task updates it (or leaves it as it was).

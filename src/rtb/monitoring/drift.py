@@ -46,6 +46,7 @@ DEFAULT_PSI_THRESHOLD = 0.2
 # Requests whose level the model never saw get only the fallback encoding; at 5% of traffic
 # that fallback prices a noticeable share of the spend.
 DEFAULT_UNSEEN_THRESHOLD = 0.1
+DEFAULT_MIN_ROWS = 500
 DEFAULT_CALIBRATION_BAND = (0.9, 1.1)
 DEFAULT_NE_LIMIT = 1.0  # NE >= 1.0: no better than bidding the base rate to everyone
 
@@ -97,6 +98,9 @@ class DriftThresholds:
 
     psi: float = DEFAULT_PSI_THRESHOLD
     unseen_share: float = DEFAULT_UNSEEN_THRESHOLD
+    # Below this many rows the statistics are sampling noise (a PSI over ~20 buckets moves by
+    # about buckets/rows on its own): reported, never a reason.
+    min_rows: int = DEFAULT_MIN_ROWS
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,10 @@ class DriftReport:
 
     @property
     def reasons(self) -> list[str]:
-        """One line per crossing, e.g. "campaignId PSI 0.31 >= 0.2"."""
+        """One line per crossing, e.g. "campaignId PSI 0.31 >= 0.2"; none on too few rows."""
         psi, t = self.feature_psi, self.thresholds
+        if self.rows < t.min_rows:
+            return []
         reasons = [f"{name} PSI {psi[name]:.3f} >= {t.psi:g}" for name in self.features_over_psi]
         if self.score_psi is not None and self.score_psi >= t.psi:
             reasons.append(f"score PSI {self.score_psi:.3f} >= {t.psi:g}")
@@ -170,6 +176,8 @@ class DriftReport:
         if self.unseen_share:
             tail += f", {n_unseen} over unseen {self.thresholds.unseen_share:.1%}"
         verdict = "crossed" if self.crossed else "ok"
+        if self.rows < self.thresholds.min_rows:
+            verdict = f"too few rows to judge (< {self.thresholds.min_rows:,})"
         return f"drift over {self.rows:,} rows: {', '.join(parts) or 'no features'}; {tail} -> {verdict}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +187,8 @@ class DriftReport:
             "crossed": self.crossed,
             "reasons": self.reasons,
             "summary": self.summary(),
-            "thresholds": {k: float(v) for k, v in asdict(self.thresholds).items()},
+            "thresholds": {k: (int(v) if k == "min_rows" else float(v))
+                           for k, v in asdict(self.thresholds).items()},
             "psi": {name: float(v) for name, v in self.feature_psi.items()},
             "unseen_share": {name: float(v) for name, v in self.unseen_share.items()},
             "expected_unseen_share": {name: float(v) for name, v in self.expected_unseen.items()},

@@ -57,7 +57,8 @@ class MonitorLimits:
 
     @classmethod
     def from_env(cls) -> MonitorLimits:
-        """$RTB_DRIFT_PSI, $RTB_DRIFT_UNSEEN_SHARE, $RTB_QUALITY_CALIBRATION_LOW/HIGH."""
+        """$RTB_DRIFT_PSI, $RTB_DRIFT_UNSEEN_SHARE, $RTB_DRIFT_MIN_ROWS,
+        $RTB_QUALITY_CALIBRATION_LOW/HIGH."""
         low, high = settings.DEFAULT_QUALITY_CALIBRATION
         return cls(
             DriftThresholds(
@@ -65,6 +66,7 @@ class MonitorLimits:
                 unseen_share=settings.env_float(
                     settings.DRIFT_UNSEEN_SHARE_ENV, settings.DEFAULT_DRIFT_UNSEEN_SHARE
                 ),
+                min_rows=settings.env_int(settings.DRIFT_MIN_ROWS_ENV, settings.DEFAULT_DRIFT_MIN_ROWS),
             ),
             QualityLimits(
                 calibration_low=settings.env_float(settings.QUALITY_CALIBRATION_LOW_ENV, low),
