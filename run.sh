@@ -3,6 +3,12 @@
 #
 #   sh run.sh              build the images, make a sample dataset if data/raw/ has none,
 #                          start Airflow and wait until every component is healthy
+#                          (same as `sh run.sh up`: the LocalExecutor, tasks run in the scheduler)
+#   sh run.sh up --workers N
+#                          the same with the CeleryExecutor: a Redis broker and N Celery workers
+#                          (compose profile `celery`). Kept in .env.local for the later commands
+#                          (train, down, compose ...); a plain `sh run.sh up` goes back to
+#                          the LocalExecutor and stops the workers and Redis.
 #   sh run.sh train        run train_pipeline now and follow it to the end (exit 1 if it fails)
 #   sh run.sh predict      the same for predict_pipeline
 #   sh run.sh serve        start the scoring service (compose profile `serving`)
@@ -16,17 +22,20 @@
 #
 # Settings. `.env` (committed) holds non-secret defaults: compose project name, image tags,
 # ports. This script writes `.env.local` (not committed; mode 600) with this install's values:
-# the host project dir, your uid/gid, the docker socket and its gid, and a JWT secret that is
-# generated once and kept across runs. It also creates airflow/simple_auth_manager_passwords.json
+# the host project dir, your uid/gid, the docker socket and its gid, a JWT secret that is
+# generated once and kept across runs, and the executor `up` chose (AIRFLOW_EXECUTOR,
+# AIRFLOW_WORKERS). It also creates airflow/simple_auth_manager_passwords.json
 # ({"airflow": "airflow"}) if missing. compose is always called as
 #   docker compose --env-file .env --env-file .env.local ...
 # so use `sh run.sh compose ...` (or those flags) rather than a bare `docker compose`.
 # A variable set in the shell wins over both files, e.g. `AIRFLOW_PORT=8081 sh run.sh`.
 #
-# Also read from the environment: RTB_SAMPLE_ROWS (training rows of the generated sample,
-# default 200000) and RTB_SAMPLE_TEST_ROWS (default a quarter of that); BASE_IMAGE (base of
-# both images, default python:3.11-slim-bookworm); RTB_RUN_TIMEOUT (seconds `train`/`predict`
-# follow a run, default 7200).
+# Also read from the environment: RTB_SAMPLE, what an empty data/raw/ is seeded with: `stream`
+# (the default: hourly and daily partitions of the last RTB_SAMPLE_DAYS=14 days, with
+# RTB_SAMPLE_ROWS_PER_DAY=20000 requests a day) or `files` (the two single files, with
+# RTB_SAMPLE_ROWS=200000 training rows and RTB_SAMPLE_TEST_ROWS, default a quarter of that);
+# BASE_IMAGE (base of both images, default python:3.11-slim-bookworm); RTB_RUN_TIMEOUT
+# (seconds `train`/`predict` follow a run, default 7200).
 set -eu
 
 cd "$(dirname "$0")"
@@ -36,7 +45,15 @@ PASSWORDS_FILE=airflow/simple_auth_manager_passwords.json
 say() { printf 'run.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-compose() { docker compose --env-file .env --env-file .env.local "$@"; }
+# With the CeleryExecutor (`up --workers N`) every compose call includes the profile `celery`,
+# so that redis and airflow-worker are part of `compose logs`, `ps`, `up`...
+compose() {
+    if [ "$(setting AIRFLOW_EXECUTOR LocalExecutor)" = CeleryExecutor ]; then
+        docker compose --env-file .env --env-file .env.local --profile celery "$@"
+    else
+        docker compose --env-file .env --env-file .env.local "$@"
+    fi
+}
 
 # setting NAME DEFAULT: NAME from the shell, else from .env.local, else .env, else DEFAULT.
 setting() {
@@ -73,6 +90,9 @@ write_settings() {
     [ -n "$secret" ] || secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
     socket=$(docker_socket)
     socket_gid=$(stat -c %g "$socket" 2> /dev/null || stat -f %g "$socket" 2> /dev/null || echo 0)
+    # The executor: what `up` chose (it sets both), else what the last `up` wrote.
+    executor=$(setting AIRFLOW_EXECUTOR LocalExecutor)
+    workers=$(setting AIRFLOW_WORKERS 0)
     tmp=".tmp-env-local.$$"
     (
         umask 077
@@ -85,6 +105,9 @@ write_settings() {
             echo "DOCKER_SOCKET='$socket'"
             echo "DOCKER_GID=$socket_gid"
             echo "AIRFLOW_JWT_SECRET=$secret"
+            echo "# LocalExecutor, or CeleryExecutor with AIRFLOW_WORKERS workers (run.sh up --workers N)."
+            echo "AIRFLOW_EXECUTOR=$executor"
+            echo "AIRFLOW_WORKERS=$workers"
         } > "$tmp"
     )
     mv "$tmp" .env.local
@@ -99,25 +122,64 @@ build_images() {
 }
 
 ensure_sample() {
-    for _file in data/raw/*.csv.gz; do
+    for _file in data/raw/*.csv.gz data/raw/requests data/raw/labelled; do
         [ -e "$_file" ] && return 0
     done
-    rows=${RTB_SAMPLE_ROWS:-200000}
-    test_rows=${RTB_SAMPLE_TEST_ROWS:-$((rows / 4))}
-    say "data/raw/ has no *.csv.gz: generating a realistic SYNTHETIC sample ($rows training" \
-        "rows, $test_rows test rows). To use real logs, put training_data.csv.gz and" \
-        "test_data.csv.gz in data/raw/ instead."
-    docker run --rm --network none --user "$(id -u):$(id -g)" \
-        -v "$ROOT/data/raw:/out" "$(setting RTB_JOB_IMAGE rtb-pipeline-job:latest)" \
-        generate --out /out --rows-train "$rows" --rows-test "$test_rows"
+    image=$(setting RTB_JOB_IMAGE rtb-pipeline-job:latest)
+    if [ "${RTB_SAMPLE:-stream}" = files ]; then
+        rows=${RTB_SAMPLE_ROWS:-200000}
+        test_rows=${RTB_SAMPLE_TEST_ROWS:-$((rows / 4))}
+        say "data/raw/ is empty: generating a realistic SYNTHETIC sample ($rows training" \
+            "rows, $test_rows test rows). To use real logs, put training_data.csv.gz and" \
+            "test_data.csv.gz in data/raw/ instead."
+        docker run --rm --network none --user "$(id -u):$(id -g)" -v "$ROOT/data/raw:/out" \
+            "$image" generate --out /out --rows-train "$rows" --rows-test "$test_rows"
+        return
+    fi
+    days=${RTB_SAMPLE_DAYS:-14}
+    per_day=${RTB_SAMPLE_ROWS_PER_DAY:-20000}
+    say "data/raw/ is empty: generating a realistic SYNTHETIC stream: hourly request" \
+        "partitions and daily labelled ones for the last $days days up to this hour" \
+        "($per_day requests a day, a planted shift on one day). To use real logs, put them" \
+        "in data/raw/requests/ and data/raw/labelled/ (see the README) instead."
+    docker run --rm --network none --user "$(id -u):$(id -g)" -v "$ROOT/data/raw:/out" \
+        "$image" generate --stream --out /out --days "$days" --rows-per-day "$per_day"
 }
 
+# up [--workers N]: the LocalExecutor, or the CeleryExecutor with N workers.
 up() {
+    AIRFLOW_EXECUTOR=LocalExecutor
+    AIRFLOW_WORKERS=0
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --workers) [ $# -gt 1 ] || die "--workers needs a number"; AIRFLOW_WORKERS=$2; shift ;;
+            --workers=*) AIRFLOW_WORKERS=${1#--workers=} ;;
+            *) die "unknown option for up: '$1' (try: sh run.sh help)" ;;
+        esac
+        AIRFLOW_EXECUTOR=CeleryExecutor
+        shift
+    done
+    if [ "$AIRFLOW_EXECUTOR" = CeleryExecutor ]; then
+        case $AIRFLOW_WORKERS in
+            '' | *[!0-9]*) die "--workers takes a whole number >= 1, not '$AIRFLOW_WORKERS'" ;;
+        esac
+        AIRFLOW_WORKERS=$((AIRFLOW_WORKERS + 0))
+        [ "$AIRFLOW_WORKERS" -ge 1 ] || die "--workers takes a whole number >= 1, not 0"
+    fi
     write_settings
     build_images
     ensure_sample
-    say "starting Airflow (waits until every component is healthy)"
-    compose up -d --wait --wait-timeout 600
+    if [ "$AIRFLOW_EXECUTOR" = CeleryExecutor ]; then
+        say "starting Airflow with the CeleryExecutor and $AIRFLOW_WORKERS worker(s)" \
+            "(waits until every component is healthy)"
+        compose up -d --wait --wait-timeout 600 --scale "airflow-worker=$AIRFLOW_WORKERS"
+    else
+        # Back from the CeleryExecutor: its workers and broker must not linger.
+        docker compose --env-file .env --env-file .env.local --profile celery \
+            rm -fsv airflow-worker redis > /dev/null 2>&1 || true
+        say "starting Airflow (waits until every component is healthy)"
+        compose up -d --wait --wait-timeout 600
+    fi
     port=$(setting AIRFLOW_PORT 8080)
     cat << EOF
 
@@ -129,6 +191,9 @@ password, edit $PASSWORDS_FILE; to change users, AIRFLOW_USERS in .env (then \`s
   sh run.sh predict    run predict_pipeline now and follow it
   sh run.sh down       stop (add -v to also delete the Airflow database and logs)
 EOF
+    if [ "$AIRFLOW_EXECUTOR" = CeleryExecutor ]; then
+        say "executor: CeleryExecutor with $AIRFLOW_WORKERS worker(s) (sh run.sh compose ps airflow-worker)"
+    fi
 }
 
 # Unpause the DAG, trigger a run through the REST API v2 and print each task's state until the
@@ -159,10 +224,12 @@ run_tests() {
 }
 
 case $command in
-    up) up ;;
+    up) up "$@" ;;
     down)
         write_settings
-        compose --profile serving down "$@"
+        # Every profile: whatever this install started, whichever executor it runs now.
+        docker compose --env-file .env --env-file .env.local --profile serving --profile celery \
+            down "$@"
         # Containers of failed tasks are kept for debugging until now (see common.py).
         stack=$(setting COMPOSE_PROJECT_NAME rtb-pipeline)
         leftovers=$(docker ps -aq --filter "label=rtb-pipeline.stack=$stack")
@@ -184,6 +251,6 @@ case $command in
         compose "$@"
         ;;
     test) run_tests "$@" ;;
-    -h | --help | help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h | --help | help) sed -n '2,/^set -eu/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$command' (try: sh run.sh help)" ;;
 esac

@@ -13,6 +13,7 @@ that is an error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -103,6 +105,7 @@ class Stack:
     root: Path
     base_url: str
     env: dict[str, str]
+    up_seconds: float = 0.0
 
     def run_sh(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -115,42 +118,60 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def _require_docker() -> None:
     why_not = _docker_available()
     if why_not:
         if IN_CI:
             pytest.fail(f"system tests need Docker: {why_not}")
         pytest.skip(f"system tests need Docker: {why_not}")
 
-    root = tmp_path_factory.mktemp("stack") / "rtb-pipeline"
+
+@contextlib.contextmanager
+def running_stack(
+    parent: Path,
+    *up_args: str,
+    name: str = "rtb-e2e",
+    image_tag: str = "e2e",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """A copy of the repo in `parent`/rtb-pipeline, up with `sh run.sh [up_args...]`, its own
+    compose project (`name`-<random>), free ports and image tags `:image_tag`; on exit the
+    compose logs go to `parent`/compose.log and `sh run.sh down -v` removes it all. Skips (or,
+    in CI, fails) when Docker is not there."""
+    _require_docker()
+    root = parent / "rtb-pipeline"
     _copy_repo(root)
     port = _free_port()
     env = {
         **os.environ,
-        "COMPOSE_PROJECT_NAME": f"rtb-e2e-{uuid.uuid4().hex[:8]}",
+        "COMPOSE_PROJECT_NAME": f"{name}-{uuid.uuid4().hex[:8]}",
         "AIRFLOW_PORT": str(port),
         "SCORING_PORT": str(_free_port()),
-        "AIRFLOW_IMAGE": "rtb-pipeline-airflow:e2e",
-        "RTB_JOB_IMAGE": "rtb-pipeline-job:e2e",
+        "AIRFLOW_IMAGE": f"rtb-pipeline-airflow:{image_tag}",
+        "RTB_JOB_IMAGE": f"rtb-pipeline-job:{image_tag}",
         "RTB_SAMPLE_ROWS": str(SAMPLE_ROWS_TRAIN),
         "RTB_SAMPLE_TEST_ROWS": str(SAMPLE_ROWS_TEST),
+        # The single-file tests run first on the two files; test_over_time.py then writes a
+        # partitioned stream itself.
+        "RTB_SAMPLE": "files",
         # Running over time (tests/system/test_over_time.py): short waits, a two-day window.
         "RTB_PARTITION_WAIT_SECONDS": "25",
         "RTB_PARTITION_POKE_SECONDS": "5",
         "RTB_TRAIN_WINDOW_DAYS": "2",
         "RTB_RETENTION_DAYS": "5",
+        **(extra_env or {}),
     }
     stack = Stack(root=root, base_url=f"http://127.0.0.1:{port}", env=env)
     up_log = root.parent / "run-sh-up.log"
     started = time.monotonic()
     try:
-        up = stack.run_sh(timeout=STACK_UP_TIMEOUT)
+        up = stack.run_sh(*up_args, timeout=STACK_UP_TIMEOUT)
         up_log.write_text(up.stdout + up.stderr)
         if up.returncode != 0:
             tail = "\n".join((up.stdout + up.stderr).splitlines()[-60:])
-            pytest.fail(f"`sh run.sh` exited {up.returncode}:\n{tail}")
-        print(f"\nstack up in {time.monotonic() - started:.0f} s at {stack.base_url} ({root})")
+            pytest.fail(f"`{' '.join(('sh', 'run.sh', *up_args))}` exited {up.returncode}:\n{tail}")
+        stack.up_seconds = time.monotonic() - started
+        print(f"\nstack up in {stack.up_seconds:.0f} s at {stack.base_url} ({root})")
         yield stack
     finally:
         logs = stack.run_sh("compose", "logs", "--no-color", "--tail", "300", timeout=120)
@@ -158,6 +179,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         down = stack.run_sh("down", "-v", "--remove-orphans", timeout=300)
         if down.returncode != 0:
             print(f"`sh run.sh down -v` failed:\n{down.stdout}{down.stderr}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    _require_docker()
+    with running_stack(tmp_path_factory.mktemp("stack")) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,192 @@
+"""The stack scaled out: `sh run.sh up --workers 2` runs the CeleryExecutor with a Redis broker
+and two Celery workers. The DAGs are the same; every worker starts its task containers on the
+host's engine, so a run's tasks may land on either worker and the files still end up in the
+(copied) project's data/, models/ and reports/.
+
+Its own stack (project `rtb-celery-*`, image tags `:e2e-celery`), torn down at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from .conftest import AirflowApi, Stack, running_stack
+
+pytestmark = pytest.mark.system
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def celery_stack(tmp_path_factory: pytest.TempPathFactory):
+    with running_stack(
+        tmp_path_factory.mktemp("celery"), "up", "--workers", str(WORKERS),
+        name="rtb-celery", image_tag="e2e-celery",
+        # Files mode: the predict runs score the test split, one run after the other.
+        # A dead worker's task fails after 30 s without heartbeats (default 300 s).
+        extra_env={"RTB_SAMPLE": "files", "AIRFLOW_TASK_HEARTBEAT_TIMEOUT": "30"},
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def celery_api(celery_stack: Stack) -> AirflowApi:
+    return AirflowApi(celery_stack.base_url)
+
+
+def _containers(stack: Stack, service: str) -> dict[str, dict]:
+    """The service's running containers of this stack: hostname -> docker inspect."""
+    ids = subprocess.run(
+        ["docker", "ps", "-q",
+         "--filter", f"label=com.docker.compose.project={stack.env['COMPOSE_PROJECT_NAME']}",
+         "--filter", f"label=com.docker.compose.service={service}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    if not ids:
+        return {}
+    inspected = json.loads(subprocess.run(
+        ["docker", "inspect", *ids], capture_output=True, text=True, check=True
+    ).stdout)
+    return {c["Config"]["Hostname"]: c for c in inspected}
+
+
+@dataclass
+class Ran:
+    dag_id: str
+    run_id: str
+    state: str
+    seconds: float
+    hosts: dict[str, str]  # task id (with map index) -> hostname
+
+
+def _run(api: AirflowApi, dag_id: str) -> Ran:
+    started = time.monotonic()
+    run_id = api.trigger(dag_id)
+    state = api.wait_for_run(dag_id, run_id)
+    seconds = time.monotonic() - started
+    answer = api.request(
+        "GET", f"/api/v2/dags/{dag_id}/dagRuns/{api.quote(run_id)}/taskInstances?limit=100"
+    )
+    hosts = {
+        f"{ti['task_id']}[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else ti["task_id"]:
+        ti.get("hostname") or ""
+        for ti in answer["task_instances"]
+        if ti["state"] in ("success", "failed", "up_for_retry")
+    }
+    # Unpausing may also have queued a scheduled run: let it end before the next run.
+    api.wait_until_idle(dag_id)
+    return Ran(dag_id, run_id, state, seconds, hosts)
+
+
+@pytest.fixture(scope="module")
+def celery_runs(celery_api: AirflowApi, celery_stack: Stack) -> list[Ran]:
+    """train_pipeline once, then predict_pipeline twice, one after the other."""
+    runs = [_run(celery_api, "train_pipeline")]
+    print(f"\ntrain_pipeline: {runs[0].state} in {runs[0].seconds:.0f} s")
+    if runs[0].state == "success":
+        for _ in range(2):
+            runs.append(_run(celery_api, "predict_pipeline"))
+            print(f"predict_pipeline: {runs[-1].state} in {runs[-1].seconds:.0f} s")
+    return runs
+
+
+def test_up_with_workers_runs_redis_and_the_workers_and_keeps_the_executor(celery_stack) -> None:
+    settings = (celery_stack.root / ".env.local").read_text().splitlines()
+    assert "AIRFLOW_EXECUTOR=CeleryExecutor" in settings
+    assert f"AIRFLOW_WORKERS={WORKERS}" in settings
+    workers = _containers(celery_stack, "airflow-worker")
+    assert len(workers) == WORKERS
+    for worker in workers.values():
+        assert worker["State"]["Health"]["Status"] == "healthy", worker["Name"]
+        assert "AIRFLOW__CORE__EXECUTOR=CeleryExecutor" in worker["Config"]["Env"]
+    assert len(_containers(celery_stack, "redis")) == 1
+    # Later run.sh commands of this install keep the profile: compose sees redis and workers.
+    ps = celery_stack.run_sh("compose", "ps", "--services", "--status", "running", timeout=120)
+    assert ps.returncode == 0, ps.stderr
+    assert {"redis", "airflow-worker", "airflow-scheduler"} <= set(ps.stdout.split())
+    print(f"\nstack with {WORKERS} workers up in {celery_stack.up_seconds:.0f} s")
+
+
+def test_train_pipeline_succeeds_on_the_celery_workers(celery_stack, celery_runs) -> None:
+    train = celery_runs[0]
+    assert train.state == "success", train.hosts
+    assert (celery_stack.root / "models/champion.yaml").is_file()
+    workers = _containers(celery_stack, "airflow-worker")
+    assert set(train.hosts.values()) <= set(workers), (train.hosts, sorted(workers))
+
+
+def test_tasks_spread_over_both_workers_and_predictions_are_written(
+    celery_stack, celery_runs
+) -> None:
+    assert [r.state for r in celery_runs] == ["success"] * 3, [(r.dag_id, r.state) for r in celery_runs]
+    workers = _containers(celery_stack, "airflow-worker")
+    names = {host: c["Name"].lstrip("/") for host, c in workers.items()}
+    used = Counter(host for run in celery_runs for host in run.hosts.values())
+    for run in celery_runs:
+        print(f"\n{run.dag_id} {run.run_id} ({run.seconds:.0f} s):")
+        for task, host in run.hosts.items():
+            print(f"  {task:<28} {names.get(host, host)}")
+    assert set(used) <= set(workers), (used, sorted(workers))
+    assert len(used) == WORKERS, f"tasks ran on {dict(used)} only"
+
+    root = celery_stack.root
+    test_df = pd.read_csv(root / "data/processed/test_df.csv")
+    predictions = sorted((root / "data/predictions").glob("predictions_*.npy"))
+    assert predictions, "no predictions_*.npy written"
+    proba = np.load(predictions[-1])
+    assert len(proba) == len(test_df) > 0
+    assert np.isfinite(proba).all() and ((proba >= 0.0) & (proba <= 1.0)).all()
+    assert predictions[-1].with_suffix(".csv").is_file()
+
+
+# Last in this file: it leaves the stack with one worker.
+def test_a_killed_workers_task_is_retried_on_the_other_worker(
+    celery_api, celery_stack, celery_runs
+) -> None:
+    """`docker kill` of the worker running a train_pipeline task: its heartbeats stop, the
+    scheduler fails the try after AIRFLOW_TASK_HEARTBEAT_TIMEOUT (30 s here) and the retry runs
+    on the worker that is left; the run succeeds and every task ends in one successful try."""
+    api = celery_api
+    workers = _containers(celery_stack, "airflow-worker")
+    assert len(workers) == WORKERS
+    run_id = api.trigger("train_pipeline")
+    deadline = time.monotonic() + 300
+    victim = task = None
+    while victim is None:
+        for ti in api.task_instances("train_pipeline", run_id).values():
+            if ti["state"] == "running" and ti.get("hostname") in workers:
+                victim, task = ti["hostname"], ti["task_id"]
+                break
+        else:
+            assert time.monotonic() < deadline, "no task of the run started on a worker"
+            assert api.run_state("train_pipeline", run_id) in ("queued", "running")
+            time.sleep(0.5)
+    started = time.monotonic()
+    subprocess.run(["docker", "kill", workers[victim]["Id"]], check=True, capture_output=True)
+    state = api.wait_for_run("train_pipeline", run_id)
+    seconds = time.monotonic() - started
+    tis = api.task_instances("train_pipeline", run_id)
+    retried = tis[task]
+    print(f"\nkilled {workers[victim]['Name'].lstrip('/')} during {task} (try 1); run {state}"
+          f" {seconds:.0f} s later; {task} try {retried['try_number']} on "
+          f"{workers.get(retried.get('hostname'), {}).get('Name', retried.get('hostname'))}")
+    assert state == "success", {t: ti["state"] for t, ti in tis.items()}
+    assert retried["try_number"] >= 2
+    assert retried["hostname"] in workers and retried["hostname"] != victim
+    # Nothing lost: every task of the run succeeded (or was skipped by design) in its last try.
+    assert {ti["state"] for ti in tis.values()} <= {"success", "skipped"}
+    champion = yaml.safe_load((celery_stack.root / "models/champion.yaml").read_text())
+    assert (celery_stack.root / "models" / champion["model"]).is_file(), champion
+    # The killed worker's job container is not stopped (DockerOperator could not clean up):
+    # it may still finish and write a model of its own next to the retry's.
+    models = sorted(p.name for p in (celery_stack.root / "models").glob("pipeline_*.pkl"))
+    print(f"models after the fault: {models}; champion {champion['model']}")
