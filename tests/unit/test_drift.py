@@ -314,9 +314,9 @@ def test_too_few_rows_are_reported_but_never_a_reason() -> None:
 def test_new_level_shares_of_a_window() -> None:
     from rtb.monitoring.profile import new_level_shares
 
-    earlier = pd.DataFrame({"c": pd.Categorical(["a", "b", "a", "b"])})
-    later = pd.DataFrame({"c": pd.Categorical(["a", "z", "z", "b", "y"])})
-    assert new_level_shares(earlier, later, ["c"]) == {"c": pytest.approx(3 / 5)}
+    window = pd.DataFrame({"c": pd.Categorical(["a", "b", "a", "b", "a", "z", "z", "b", "y"])})
+    latest = np.array([False] * 4 + [True] * 5)  # its last five rows: z, z and y are new
+    assert new_level_shares(window, latest, ["c"]) == {"c": pytest.approx(3 / 5)}
 
 
 def test_thresholds_are_configurable_and_the_dict_is_yaml_able() -> None:

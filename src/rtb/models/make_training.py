@@ -39,7 +39,7 @@ from rtb.models.training import (
     select_model,
 )
 from rtb.models.training_report import build_report
-from rtb.monitoring.profile import new_level_shares, profile_training_window
+from rtb.monitoring.profile import build_profile, new_level_shares, profile_training_window
 from rtb.overlap import in_parallel
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,11 @@ def reference_profile(selection: Selection, cfg: DatasetConfig, version: str) ->
     shipped refit would score its own training rows in-sample, more spread than it ever is
     on new requests)."""
     profile = profile_training_window(selection.frame, cfg)
-    holdout = selection.frame[selection.holdout]
-    scores = profile_training_window(
-        holdout, cfg, scores=selection.selected.holdout_probabilities
+    scores = build_profile(
+        pd.DataFrame(index=pd.RangeIndex(int(selection.holdout.sum()))), numeric=[], categorical=[],
+        scores=selection.selected.holdout_probabilities,
     ).score
-    new_levels = new_level_shares(selection.frame[~selection.holdout], holdout, cfg.categorical)
+    new_levels = new_level_shares(selection.frame, selection.holdout, cfg.categorical)
     return {
         "version": version,
         "model": selection.selected.name,
@@ -183,12 +183,15 @@ def run_training(
     version = claim_version(lambda v: paths.model(v).exists() or paths.report(v).exists())
     written: list[Path] = []
     try:
-        cv, (model, refit, entry) = in_parallel(
-            lambda: cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
+        # The cross-validation and the drift profile only feed reports: they run while the
+        # model is refitted, pickled and drawn.
+        (cv, profile), (model, refit, entry) = in_parallel(
+            lambda: (cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
+                     reference_profile(selection, cfg, version)),
             lambda: _refit_and_persist(paths, cfg, selection, version, seed, limits, written),
         )
         profile_path = paths.profile(version)
-        write_yaml(profile_path, reference_profile(selection, cfg, version))
+        write_yaml(profile_path, profile)
         written.append(profile_path)
         with registry.promotion_lock(paths):
             champion, decision = compare_with_champion(

@@ -214,21 +214,23 @@ def profile_training_window(
     )
 
 
-def new_level_shares(
-    earlier: pd.DataFrame, later: pd.DataFrame, categorical: Sequence[str]
-) -> dict[str, float]:
-    """Per categorical, the share of `later` rows whose level `earlier` never had.
+def new_level_shares(frame: pd.DataFrame, later: np.ndarray, categorical: Sequence[str]) -> dict[str, float]:
+    """Per categorical, the share of the `later` rows (a boolean mask) whose level the other
+    rows never had.
 
     Long-tail ids bring new levels all the time (launches, new devices), so an unseen share is
     drift only when it exceeds this normal rate; measured on a training window's latest rows
     against its earlier ones, it is the rate a model trained on the window should expect.
+    Counted from category codes, one column at a time: no copy of the frame, no strings.
     """
     from rtb.monitoring.drift import unseen_share
 
-    return {
-        name: unseen_share(later[name], pd.Index(pd.unique(earlier[name].astype(str))))
-        for name in categorical
-    }
+    out = {}
+    for name in categorical:
+        column = frame[name]
+        levels, counts = level_counts(column[~later])
+        out[name] = unseen_share(column[later], levels[counts > 0])
+    return out
 
 
 def _numeric_profile(values: np.ndarray, bins: int) -> NumericBins:
