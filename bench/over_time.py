@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
            "AIRFLOW_PORT": str(port), "SCORING_PORT": str(_free_port()),
            "AIRFLOW_IMAGE": "rtb-pipeline-airflow:bench", "RTB_JOB_IMAGE": "rtb-pipeline-job:bench",
            "RTB_SAMPLE": "files", "RTB_SAMPLE_ROWS": "20000", "RTB_SAMPLE_TEST_ROWS": "5000",
-           "RTB_TRAIN_WINDOW_DAYS": "2", "RTB_PARTITION_POKE_SECONDS": "5"}
+           "RTB_TRAIN_WINDOW_DAYS": "2", "RTB_PARTITION_POKE_SECONDS": "5",
+           "RTB_PARTITION_WAIT_SECONDS": "60"}
 
     def run_sh(*words: str, timeout: float = 1800) -> None:
         subprocess.run(["sh", "run.sh", *words], cwd=root, env=env, check=True, timeout=timeout,
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = _generate(raw, end=day0 + timedelta(days=2), days=2,
                             rows_per_day=args.rows_per_hour * 24 // 4)
         print(f"two labelled days generated in {seconds:.0f} s", flush=True)
-        train = api.trigger_interval("train_pipeline", (day0 + timedelta(days=1, hours=6)).isoformat())
+        # A run triggered at a logical date covers the day that ended then: its window is
+        # the two days before day0 + 2.
+        logical = day0 + timedelta(days=2, hours=6, minutes=1)
+        train = api.trigger_interval("train_pipeline", logical.isoformat())
         started = time.monotonic()
         state = api.wait_for_run("train_pipeline", train, 3600)
         print(f"train_pipeline on 2 days: {state} in {time.monotonic() - started:.0f} s; "
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         first_hour = end - timedelta(hours=args.hours)
         one = first_hour - timedelta(hours=1)
         started = time.monotonic()
-        run_id = api.trigger_interval("predict_pipeline", one.isoformat())
+        run_id = api.trigger_interval("predict_pipeline", (one + timedelta(hours=1, minutes=1)).isoformat())
         state = api.wait_for_run("predict_pipeline", run_id, 3600)
         total = time.monotonic() - started
         stages = _stage_seconds(api, "predict_pipeline", run_id)

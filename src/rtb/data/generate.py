@@ -331,12 +331,7 @@ def generate_raw(
     for path in (train_path, test_path):
         if path.exists():
             raise RtbError(f"{path}: already exists; versioned artifacts are never overwritten")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RtbError(f"{out_dir}: cannot create output folder ({exc.strerror})") from exc
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise RtbError(f"{out_dir}: output folder is not writable")
+    _writable_folder(out_dir)
 
     plan = _make_plan(rows_train, rows_test, seed)
     installs = np.empty(rows_train, dtype=np.int8)
@@ -366,6 +361,16 @@ def generate_raw(
         time.perf_counter() - started,
     )
     return train_path, test_path
+
+
+def _writable_folder(folder: Path) -> None:
+    """Create the output folder; a one-line error when it cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RtbError(f"{folder}: cannot create output folder ({exc.strerror})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RtbError(f"{folder}: output folder is not writable")
 
 
 def generate_frames(
@@ -1118,12 +1123,7 @@ def generate_stream(
             f"{existing[0]}: partition already exists ({len(existing)} of the stream's "
             f"{len(targets)} do); partitions are never overwritten, nothing was written"
         )
-    try:
-        raw_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RtbError(f"{raw_dir}: cannot create output folder ({exc.strerror})") from exc
-    if not os.access(raw_dir, os.W_OK | os.X_OK):
-        raise RtbError(f"{raw_dir}: output folder is not writable")
+    _writable_folder(raw_dir)
 
     plan = _make_plan(1, 1, seed)  # the world and intercept; the row counts are unused
     stream_days, planted = _stream_days(plan.world, dates, set(complete), shift_day)
