@@ -38,7 +38,8 @@ _spec = util.spec_from_file_location("rest_client", REPO / "airflow" / "rest_cli
 rest_client = util.module_from_spec(_spec)
 _spec.loader.exec_module(rest_client)  # type: ignore[union-attr]
 
-STAGE_SECONDS = re.compile(r"INFO rtb[\w.]*: .* in (\d+(?:\.\d+)?) s(?:$| in all)")
+# A stage's closing line: "... in 1.7 s" or "...; 45.3 s in all" (training).
+STAGE_SECONDS = re.compile(r"INFO rtb[\w.]*: .*?(?: in (\d+(?:\.\d+)?) s|[;,] (\d+(?:\.\d+)?) s in all)\s*$")
 
 
 def _free_port() -> int:
@@ -73,7 +74,7 @@ def _stage_seconds(api: object, dag_id: str, run_id: str) -> dict[str, float]:
         if ti["state"] != "success":
             continue
         lines = api.task_log_lines(dag_id, run_id, task_id, ti["try_number"])  # type: ignore[attr-defined]
-        found = [float(m.group(1)) for line in lines if (m := STAGE_SECONDS.search(line))]
+        found = [float(m.group(1) or m.group(2)) for line in lines if (m := STAGE_SECONDS.search(line))]
         if found:
             out[task_id] = found[-1]
     return out
