@@ -198,6 +198,13 @@ def days_between(start: date, end: date) -> list[date]:
     return [start + i * _DAY for i in range(max(0, (end - start).days))]
 
 
+def window_days(end: datetime, days: int) -> list[date]:
+    """The labelled days of a training window: the `days` UTC days before `end`'s UTC date
+    (a train run's data-interval end), so a run never trains on the day it ends in."""
+    last = end.astimezone(UTC).date()
+    return days_between(last - timedelta(days=days), last)
+
+
 def parse_hour(text: str, *, name: str = "hour") -> datetime:
     """An hour boundary from task or CLI text (`2025-06-10T13:00:00+00:00`, `2025-06-10T13`).
 

@@ -19,7 +19,7 @@ whose labels arrive last), which the run waits for before processing any unit.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from rtb import partitions
@@ -95,9 +95,7 @@ def _train(paths: ProjectPaths, cfg: DatasetConfig, end: datetime, window_days: 
         }
     if window_days < 1:
         raise RtbError(f"plan: --window-days must be >= 1, got {window_days}")
-    last = end.date()
-    days = partitions.days_between(last - timedelta(days=window_days), last)
-    names = [partitions.labelled_name(day) for day in days]
+    names = [partitions.labelled_name(day) for day in partitions.window_days(end, window_days)]
     # The newest day is a unit whether complete yet or not: the run waits for its marker
     # before any unit is processed (and is skipped if it never comes).
     complete = [name for name in names[:-1] if partitions.is_complete(paths.raw_partition(name))]

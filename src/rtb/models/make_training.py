@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 
 import joblib
@@ -55,8 +55,7 @@ class TrainingWindow:
 
     @property
     def dates(self) -> list[date]:
-        last = self.end.astimezone(UTC).date()
-        return partitions.days_between(last - timedelta(days=self.days), last)
+        return partitions.window_days(self.end, self.days)
 
     def describe(self) -> str:
         dates = self.dates
