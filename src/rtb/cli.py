@@ -396,6 +396,37 @@ def retention(
                   max_age_days=max_age_days or retention_days(), window_days=train_window_days())
 
 
+@app.command()
+def publish(
+    interval_start: Annotated[str | None, typer.Option("--interval-start")] = None,
+    interval_end: Annotated[str | None, typer.Option("--interval-end")] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis-url", help="redis://host:port/db (default $RTB_PUBLISH_REDIS_URL)."),
+    ] = None,
+    ttl_seconds: Annotated[
+        int | None,
+        typer.Option("--ttl-seconds", min=1,
+                     help="Key lifetime (default $RTB_PUBLISH_TTL_SECONDS, else two days)."),
+    ] = None,
+    key_prefix: Annotated[str, typer.Option("--key-prefix")] = "rtb:",
+    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Keys per round trip.")] = 10_000,
+    project_dir: ProjectDirOption = None,
+) -> None:
+    """Write the interval's prediction sets (or the newest single-file set) to Redis:
+    <prefix>score:<id> -> {"p", "model"}; a set already published is not written again."""
+    from rtb.publishing import DEFAULT_TTL_SECONDS, PublishOptions, connect, run_publish
+    from rtb.settings import PUBLISH_REDIS_URL_ENV, publish_redis_url, publish_ttl_seconds
+
+    url = redis_url or publish_redis_url()
+    if not url:
+        raise RtbError(f"--redis-url: expected a redis:// URL (or ${PUBLISH_REDIS_URL_ENV}), got none")
+    options = PublishOptions(ttl_seconds=ttl_seconds or publish_ttl_seconds(DEFAULT_TTL_SECONDS),
+                             key_prefix=key_prefix, batch_rows=batch_rows)
+    run_publish(_paths(project_dir), connect(url), options,
+                interval=_interval(interval_start, interval_end, required=False))
+
+
 @app.command("check-model")
 def check_model(project_dir: ProjectDirOption = None) -> None:
     """Exit non-zero unless a verified champion model exists (the predict DAG's first gate)."""

@@ -63,3 +63,17 @@ def train_window_days() -> int:
 def retention_days() -> int:
     """Days raw partitions and their copies are kept ($RTB_RETENTION_DAYS, default 30)."""
     return env_int(RETENTION_DAYS_ENV, DEFAULT_RETENTION_DAYS)
+
+
+PUBLISH_REDIS_URL_ENV = "RTB_PUBLISH_REDIS_URL"
+PUBLISH_TTL_SECONDS_ENV = "RTB_PUBLISH_TTL_SECONDS"
+
+
+def publish_redis_url() -> str | None:
+    """Where `rtb publish` writes scores ($RTB_PUBLISH_REDIS_URL); unset: publishing is off."""
+    return os.environ.get(PUBLISH_REDIS_URL_ENV, "").strip() or None
+
+
+def publish_ttl_seconds(default: int) -> int:
+    """How long published scores live in Redis ($RTB_PUBLISH_TTL_SECONDS)."""
+    return env_int(PUBLISH_TTL_SECONDS_ENV, default)

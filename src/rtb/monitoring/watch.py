@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -24,8 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pcsv
 
 from rtb import partitions, settings
 from rtb.config import ProjectPaths
@@ -36,15 +33,12 @@ from rtb.errors import RtbError
 from rtb.features import HOUR
 from rtb.io_utils import EXISTS, read_yaml, write_yaml
 from rtb.models import registry
-from rtb.models.make_predicting import PREDICTIONS_STEM, SUFFIXES
 from rtb.monitoring.drift import DriftThresholds, QualityLimits, drift_report, realised_quality
 from rtb.monitoring.profile import ReferenceProfile
+from rtb.prediction_sets import PredictionSet, latest_test_set, partition_set
 
 log = logging.getLogger(__name__)
 
-SIDECAR = f"{PREDICTIONS_STEM}{SUFFIXES[2]}"
-PROBABILITIES = f"{PREDICTIONS_STEM}{SUFFIXES[0]}"
-SERVED = f"{PREDICTIONS_STEM}{SUFFIXES[1]}"
 DAY = timedelta(days=1)
 
 
@@ -119,12 +113,6 @@ def without(profile: ReferenceProfile, features: tuple[str, ...]) -> ReferencePr
     )
 
 
-def served_set(paths: ProjectPaths, name: str) -> Path | None:
-    """The published prediction set of a partition, or None (its sidecar is written last)."""
-    folder = paths.prediction_set(name)
-    return folder if (folder / SIDECAR).is_file() else None
-
-
 def partition_drift(
     paths: ProjectPaths, cfg: DatasetConfig, name: str, reference: Reference, profile: ReferenceProfile,
     limits: MonitorLimits, served: Path | None,
@@ -174,10 +162,11 @@ def run_monitor(
         profile = without(reference.profile, exclude)
         checked = 0
         for name in names:
-            if interval is None:
-                served = latest_test_scores(paths, version)
-            elif (folder := served_set(paths, name)) is not None:
-                served = folder / PROBABILITIES
+            found = latest_test_set(paths, version) if interval is None else partition_set(paths, name)
+            if found is not None:
+                served = found.probabilities
+            elif interval is None:
+                served = None  # drift of the features alone
             else:
                 continue
             report = partition_drift(paths, cfg, name, reference, profile, limits, served)
@@ -196,16 +185,6 @@ def run_monitor(
     log.info("monitor: retrain %s (%d reason(s)) for champion %s; %.1f s", decision["retrain"],
              len(reasons), version, time.perf_counter() - started)
     return decision
-
-
-def latest_test_scores(paths: ProjectPaths, version: str) -> Path | None:
-    """Files mode: the probabilities of the newest `predictions_<v>` set the champion made
-    (of the test hand-over); None leaves drift to the features alone."""
-    for sidecar in sorted(paths.predictions_dir.glob(f"{PREDICTIONS_STEM}_*{SUFFIXES[2]}"), reverse=True):
-        payload = read_yaml(sidecar)
-        if (payload.get("model") or {}).get("version") == version and payload.get("partition") is None:
-            return sidecar.with_suffix(SUFFIXES[0])
-    return None
 
 
 def retrain_decision(
@@ -247,7 +226,7 @@ def check_quality(
         if out.exists() or not partitions.is_complete(paths.raw_partition(partitions.labelled_name(day))):
             continue
         hours = partitions.hours_between(*_day_bounds(day))
-        sets = [served_set(paths, partitions.request_name(h)) for h in hours]
+        sets = [partition_set(paths, partitions.request_name(h)) for h in hours]
         if any(s is None for s in sets):
             continue
         payload = day_quality(paths, cfg, day, sets, limits)
@@ -278,7 +257,7 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
 
 
 def day_quality(
-    paths: ProjectPaths, cfg: DatasetConfig, day: date, sets: list[Path], limits: QualityLimits
+    paths: ProjectPaths, cfg: DatasetConfig, day: date, sets: list[PredictionSet], limits: QualityLimits
 ) -> dict[str, Any]:
     """Join the day's labels with what was served on its hours (by id) and judge it."""
     if not cfg.id:
@@ -286,9 +265,8 @@ def day_quality(
     labels = read_partition(paths.raw_partition(partitions.labelled_name(day)), cfg)
     ids = np.asarray(labels.column(cfg.id), dtype=object)
     truth = pd.Series(np.asarray(labels.column(cfg.target)), index=ids)
-    served = [_served(folder) for folder in sets]
-    frame = pd.concat([frame for frame, _ in served], ignore_index=True)
-    models = sorted({model for _, model in served})
+    frame = pd.concat([found.read_scored().to_pandas() for found in sets], ignore_index=True)
+    models = sorted({found.model_version for found in sets})
     joined = truth.reindex(frame["id"].to_numpy())
     matched = joined.notna().to_numpy()
     if not matched.any():
@@ -306,11 +284,3 @@ def day_quality(
         "summary": quality.summary(),
         "quality": quality.to_dict(),
     }
-
-
-def _served(folder: Path) -> tuple[pd.DataFrame, str]:
-    sidecar = read_yaml(folder / SIDECAR)
-    table = pcsv.read_csv(folder / SERVED, convert_options=pcsv.ConvertOptions(
-        column_types={"id": pa.string(), "probability": pa.float64()}))
-    model: Mapping[str, Any] = sidecar.get("model") or {}
-    return table.to_pandas(), str(model.get("version"))
