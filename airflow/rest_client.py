@@ -8,8 +8,10 @@ never parses it, and it is not in the job image.
 
 As a script it logs in as the first SimpleAuthManager user (password from the passwords file),
 waits for the DAG to be parsed, unpauses it, triggers a run, prints each task's state until the
-run ends and, if the run failed, the error lines of each failed task's log. Exit status: 0 when
-the run succeeded, 1 otherwise (with a `run.sh: error:` line when no run could be followed).
+run ends, then what the run decided (for train_pipeline: whether the new model was promoted to
+champion and why, the line the training task logged) and, if the run failed, the error lines of
+each failed task's log. Exit status: 0 when the run succeeded, 1 otherwise (with a `run.sh:
+error:` line when no run could be followed).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 3
 FINISHED = ("success", "failed")
+# The task whose log says what a run decided, and the text its line carries: rtb's
+# `rtb.models.promotion.PROMOTION_MARK` (this file runs where rtb is not installed).
+OUTCOME_LINES = {"train_pipeline": ("training", "promotion decision: ")}
 
 
 class AirflowClient:
@@ -249,6 +254,34 @@ def print_failures(client: AirflowClient, dag_id: str, run_id: str, tis: list[di
             print(f"    {line}", flush=True)
 
 
+def outcome_line(lines: list[str], marker: str) -> str | None:
+    """The last log line holding `marker`, from the marker on (the container's timestamp and
+    logger name cut off); None if there is none."""
+    for line in reversed(lines):
+        at = line.find(marker)
+        if at >= 0:
+            return line[at:].strip()
+    return None
+
+
+def print_outcome(client: AirflowClient, dag_id: str, run_id: str, tis: list[dict]) -> None:
+    """What the run decided, from the log of the task that decides it (train_pipeline: the
+    training task's promotion line); nothing for a DAG without such a task."""
+    if dag_id not in OUTCOME_LINES:
+        return
+    task_id, marker = OUTCOME_LINES[dag_id]
+    ti = next((ti for ti in tis if ti["task_id"] == task_id), None)
+    if ti is None or ti["state"] != "success":
+        _out(f"{dag_id}: no {marker.strip(': ')}: task {task_id} {ti['state'] if ti else 'never ran'}")
+        return
+    try:
+        lines = client.task_log_lines(dag_id, run_id, task_id, ti["try_number"])
+    except (urllib.error.HTTPError, KeyError):
+        lines = []
+    line = outcome_line(lines, marker)
+    _out(f"{dag_id}: {line}" if line else f"{dag_id}: the {task_id} log has no {marker.strip()!r} line")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Trigger DAG_ID and follow the run: 0 if it succeeded, 1 if it failed."""
     parser = argparse.ArgumentParser(prog="rest_client", description=(__doc__ or "").split("\n\n")[0])
@@ -271,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state, tis = follow(client, dag_id, run_id, args.timeout)
     _out(f"{dag_id}: run {run_id} {state}")
+    print_outcome(client, dag_id, run_id, tis)
     if state != "success":
         print_failures(client, dag_id, run_id, tis)
         return 1

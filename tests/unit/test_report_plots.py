@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -16,7 +17,7 @@ from rtb.dataset_config import load_dataset_config
 from rtb.errors import RtbError
 from rtb.features import feature_frame, rows_frame
 from rtb.models.pipeline import LogitRecalibrated, build_pipeline
-from rtb.models.report_plots import KINDS, feature_names, write_report_plots
+from rtb.models.report_plots import KINDS, _reliability_figure, feature_names, write_report_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROWS = 3000
@@ -162,3 +163,34 @@ def test_bad_inputs_name_the_problem(fitted, tmp_path) -> None:
     with pytest.raises(RtbError, match="p_holdout: expected finite probabilities"):
         write_report_plots(ProjectPaths(tmp_path), "v", y, np.where(p > 0.5, np.nan, p) + np.nan, model)
     assert list(tmp_path.iterdir()) == []
+
+
+def _drawn_tick_labels(figure) -> dict[str, list]:
+    """Per axis, the (text, pixel box) of every tick label drawn inside the axis range."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    axes = figure.axes[0]
+    drawn = {}
+    for name, axis, (low, high) in (("x", axes.xaxis, axes.get_xlim()), ("y", axes.yaxis, axes.get_ylim())):
+        drawn[name] = [
+            (tick.label1.get_text(), tick.label1.get_window_extent(renderer))
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+            if tick.label1.get_visible() and tick.label1.get_text() and low <= tick.get_loc() <= high
+        ]
+    return drawn
+
+
+@pytest.mark.parametrize(("centre", "spread"), [(0.012, 0.6), (0.003, 0.6), (0.05, 0.4), (0.02, 0.15),
+                                                (0.001, 2.5)])
+def test_reliability_tick_labels_do_not_overlap(centre: float, spread: float) -> None:
+    """Around a 1% base rate a log axis spans under two decades, where matplotlib's default
+    labels minor ticks too (2, 3, 4, 6 x 10^k) and they collide along the x axis."""
+    rng = np.random.default_rng(0)
+    p = np.clip(rng.lognormal(np.log(centre), spread, 20_000), 1e-6, 0.999)
+    y = (rng.random(len(p)) < p).astype(np.int8)
+    for name, labels in _drawn_tick_labels(_reliability_figure(y, p, "v")).items():
+        texts = [text for text, _ in labels]
+        assert len(texts) >= 2, f"{name} axis: {texts}"
+        clashes = [(a[0], b[0]) for i, a in enumerate(labels) for b in labels[i + 1:] if a[1].overlaps(b[1])]
+        assert not clashes, f"{name} axis tick labels overlap: {clashes}"

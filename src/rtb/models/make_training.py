@@ -27,7 +27,8 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
-from rtb.models.promotion import compare_with_champion
+from rtb.models.pipeline import CANDIDATES
+from rtb.models.promotion import compare_with_champion, promotion_line
 from rtb.models.report_plots import write_report_plots
 from rtb.models.training import (
     DEFAULT_LIMITS,
@@ -149,10 +150,12 @@ def run_training(
     limits: TrainingLimits = DEFAULT_LIMITS,
     window: TrainingWindow | None = None,
     trigger_reason: str | None = None,
+    candidates: tuple[str, ...] = tuple(CANDIDATES),
 ) -> Path:
     """CLI stage: processed hand-over (or a window of daily ones) -> versioned pickle, plots,
     report and drift profile; champion pointer if promoted. A failure takes back the new files
-    this run wrote, never older ones."""
+    this run wrote, never older ones. `candidates` narrows the selection (the baseline always
+    takes part)."""
     started = time.perf_counter()
     if trigger_reason:
         log.info("training triggered: %s", trigger_reason)
@@ -176,7 +179,7 @@ def run_training(
     log.info("read %d rows from %s in %.1f s", len(frame), source, time.perf_counter() - started)
     frame = in_time_order(frame, cfg)  # rebinding lets the unsorted copy go before fitting
     selection = select_model(frame, cfg, seed=seed, limits=limits, source=str(source),
-                             holdout_starts=holdout_starts)
+                             holdout_starts=holdout_starts, candidates=candidates)
     del frame
 
     version = claim_version(lambda v: paths.model(v).exists() or paths.report(v).exists())
@@ -194,7 +197,8 @@ def run_training(
         written.append(profile_path)
         with registry.promotion_lock(paths):
             champion, decision = compare_with_champion(
-                paths, cfg, selection, seed, holdout_partition=holdout_partition
+                paths, cfg, selection, seed, challenger=entry, inputs=input_sha,
+                holdout_partition=holdout_partition, limits=limits,
             )
             artifacts = {
                 "model": entry.path.name,
@@ -222,14 +226,9 @@ def run_training(
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    log.info(
-        "wrote %s and %s; %s (%s); %.1f s in all",
-        entry.path.name,
-        report_path.name,
-        "PROMOTED to champion" if decision["promoted"] else "kept on disk, NOT promoted",
-        decision["reason"],
-        time.perf_counter() - started,
-    )
+    log.info("wrote %s and %s; %.1f s in all", entry.path.name, report_path.name,
+             time.perf_counter() - started)
+    log.info("%s", promotion_line(entry, champion, decision))
     return report_path
 
 

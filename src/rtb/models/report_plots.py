@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import Pipeline
 
@@ -33,6 +34,8 @@ DECILES = 10
 TOP_FEATURES = 20
 MAX_CURVE_POINTS = 4000  # a 700k-row holdout has ~100k ROC vertices; 4k draw the same line
 LABEL_CHARS = 48
+LOG_FINE_DECADES = 2.5  # a log axis up to this wide gets 1-2-5 ticks, a wider one decades only
+LOG_MAX_DECADE_TICKS = 8  # beyond this many decades, label every other (or third...) decade
 DPI = 110
 _SELECTED_COLOR = "#1f4e79"
 _POSITIVE_COLOR = "#2e7d32"
@@ -91,8 +94,8 @@ def _check_inputs(
             f"y_holdout: has only label(s) {sorted(labels)} in {len(y)} rows; ROC and "
             "reliability plots need both installs and non-installs"
         )
-    for name, values in [("p_holdout", p), *((f"candidates[{k!r}]", v) for k, v in
-                                              (candidates or {}).items())]:
+    named = [("p_holdout", p), *((f"candidates[{k!r}]", v) for k, v in (candidates or {}).items())]
+    for name, values in named:
         values = np.asarray(values, dtype=np.float64).ravel()
         if len(values) != len(y):
             raise RtbError(f"{name}: has {len(values)} rows, expected {len(y)} like y_holdout")
@@ -183,12 +186,28 @@ def _reliability_figure(y: np.ndarray, p: np.ndarray, version: str) -> Figure:
     axes.set_yscale("log")
     axes.set_xlim(floor, top)
     axes.set_ylim(floor, top)
+    _log_ticks(axes, floor, top)
     axes.set_xlabel("mean predicted install probability")
     axes.set_ylabel("observed install rate")
     ratio = float(p.mean() / y.mean())
     axes.legend(loc="upper left", fontsize=9,
                 title=f"mean predicted / observed = {ratio:.3f}", title_fontsize=9)
     return figure
+
+
+def _log_ticks(axes: Axes, low: float, high: float) -> None:
+    """Readable ticks on both log axes of [low, high]: 1-2-5 steps as plain decimals over a
+    range of up to LOG_FINE_DECADES decades, whole decades beyond, minor ticks unlabelled.
+
+    matplotlib's default labels the minor ticks (2, 3, 4, 6 x 10^k) whenever a log axis spans
+    less than about two decades, as a reliability plot around a 1% base rate does, and those
+    labels overlap along the x axis."""
+    subs = (1.0, 2.0, 5.0) if np.log10(high / low) <= LOG_FINE_DECADES else (1.0,)
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(LogLocator(base=10.0, subs=subs, numticks=LOG_MAX_DECADE_TICKS))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_locator(LogLocator(base=10.0, subs=np.arange(2, 10), numticks=100))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _decile_figure(y: np.ndarray, p: np.ndarray, version: str) -> Figure:

@@ -158,8 +158,25 @@ def fit_candidate(
     limits: TrainingLimits,
 ) -> CandidateResult:
     """Fit on the early rows (negatives downsampled), calibrate and score on the holdout."""
+    return fit_and_calibrate(name, build_pipeline(name, cfg, seed), X, y, holdout, seed=seed,
+                             limits=limits)
+
+
+def fit_and_calibrate(
+    name: str,
+    pipeline: Pipeline,
+    X: pd.DataFrame,
+    y: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    seed: int,
+    limits: TrainingLimits,
+) -> CandidateResult:
+    """An unfitted pipeline fitted on the early rows (negatives downsampled), its Platt step
+    fitted on the holdout and its holdout metrics cross-fitted: the one procedure behind every
+    candidate's figures, and behind the champion's recipe when the promotion gate refits it on
+    this run's rows to compare like with like."""
     started = time.perf_counter()
-    pipeline = build_pipeline(name, cfg, seed)
     fit_rows = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
     pipeline.fit(X.iloc[fit_rows], y[fit_rows])
     X_hold, y_hold = X[holdout], y[holdout]

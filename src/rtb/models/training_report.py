@@ -2,11 +2,12 @@
 
 `build_report` assembles `reports/report_<version>.yaml` from what training and the
 promotion gate decided; the helpers describe rather than decide: calibration per segment,
-parameters in a form YAML can hold, and the environment (library versions, git sha) a run
-came from."""
+the parameters that were set (not the defaults), and the environment (library versions, git
+sha: `RTB_GIT_SHA` inside the image) a run came from."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import subprocess
@@ -16,6 +17,7 @@ from types import FunctionType
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 
 from rtb.dataset_config import DatasetConfig
@@ -77,16 +79,66 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def plain_params(pipeline: Pipeline) -> dict[str, object]:
-    """Model parameters that YAML can hold (estimator objects are named by their class)."""
-    return {
-        key: _plain(value)
-        for key, value in pipeline.get_params(deep=True).items()
-        if key not in ("steps", "memory", "verbose") and not key.endswith("__steps")
+def plain_params(estimator: BaseEstimator) -> dict[str, object]:
+    """What was set on a pipeline, step by step: every parameter that differs from its
+    estimator's default, keyed as `set_params` names it (`model__estimator__max_iter`).
+
+    A full `get_params` dump buries the few choices that define a model under dozens of
+    defaults and sentinels (`penalty: deprecated`); this is the recipe a reader can compare
+    between two reports, and the promotion gate compares between two models. Each nested
+    estimator is named by its class under its own key; a column transformer's blocks list
+    their columns under `<block>__columns`."""
+    out: dict[str, object] = {}
+    _explicit(estimator, "", out)
+    return out
+
+
+COMPOSITES = ("steps", "transformers", "transformer_list")  # lists of named sub-estimators
+
+
+def _explicit(estimator: BaseEstimator, prefix: str, out: dict[str, object]) -> None:
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(type(estimator).__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
     }
+    for key, value in estimator.get_params(deep=False).items():
+        if key in COMPOSITES and isinstance(value, list | tuple):
+            for name, step, *columns in value:
+                _nested(step, f"{prefix}{name}", out)
+                if columns:
+                    out[f"{prefix}{name}__columns"] = _plain(columns[0])
+        elif key not in defaults or not _same(value, defaults[key]):
+            _nested(value, f"{prefix}{key}", out)
+
+
+def _nested(value: object, key: str, out: dict[str, object]) -> None:
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        out[key] = type(value).__name__
+        _explicit(value, f"{key}__", out)
+    else:
+        out[key] = _plain(value)
+
+
+def _same(value: object, default: object) -> bool:
+    """Whether a parameter still holds its default (NaN equals NaN; arrays never match)."""
+    if value is default:
+        return True
+    if isinstance(value, float) and isinstance(default, float):
+        return value == default or (np.isnan(value) and np.isnan(default))
+    if type(value) is not type(default) and not (
+        isinstance(value, int | float) and isinstance(default, int | float)
+    ):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError):
+        return False
 
 
 def _plain(value: object) -> object:
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     if isinstance(value, list | tuple):
