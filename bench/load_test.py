@@ -84,10 +84,24 @@ def load_rows(project_dir: Path | None, limit: int) -> list[dict[str, object]]:
     if source is None or not source.exists():
         if str(TESTS_DIR) not in sys.path:
             sys.path.insert(0, str(TESTS_DIR))
+        # The synthetic rows are deliberately awkward and some (negative counts) are invalid
+        # requests now: keep those the service's own request model accepts, so every request
+        # is scored rather than answered 422.
+        from pydantic import ValidationError
         from support.raw_requests import raw_rows
 
+        from rtb.serving.schema import adapters
+
+        one_row = adapters(CFG, 1)[0]
+        rows = []
+        for row in raw_rows(limit * 2, seed=11, unseen=0.05):
+            try:
+                one_row.validate_python(row)
+            except ValidationError:
+                continue
+            rows.append(row)
         log.info("request rows: %d synthetic rows (tests/support/raw_requests.py)", limit)
-        return raw_rows(limit, seed=11, unseen=0.05)
+        return rows[:limit]
     rows: list[dict[str, object]] = []
     with gzip.open(source, "rt", newline="") as handle:
         for record in csv.DictReader(handle, delimiter=CFG.separator):

@@ -162,6 +162,62 @@ def test_invalid_fields_are_422_naming_the_field(client, body, loc) -> None:
     assert loc in locs
 
 
+ISSUE_17_ROW = {  # every kind of garbage a fuzzer got priced, in one request
+    **ROW,
+    "startCount": -25,
+    "startCount1d": -1e16,
+    "country": True,
+    "softwareVersion": 11.4,
+    "timestamp": "0227-05-01T00:00:00-00:58",
+    "bidFloor": 0.5,
+}
+ISSUE_17_FIELDS = {"startCount", "startCount1d", "country", "softwareVersion", "timestamp",
+                   "bidFloor"}
+
+
+def offending(response) -> dict[tuple, dict]:
+    assert response.status_code == 422, response.text
+    return {tuple(error["loc"][1:]): error for error in response.json()["detail"]}
+
+
+def test_garbage_is_422_naming_every_offending_field_never_a_price(client) -> None:
+    errors = offending(client.post("/predict", json=ISSUE_17_ROW))
+    assert set(errors) == {(name,) for name in ISSUE_17_FIELDS}  # all of them, once each
+    assert errors[("startCount",)]["expected"] == "a count >= 0 and at most 1e+09"
+    assert "greater than or equal to 0" in errors[("startCount1d",)]["msg"]
+    assert "valid string" in errors[("country",)]["msg"]
+    assert "valid integer" in errors[("country",)]["msg"]
+    assert errors[("country",)]["expected"].endswith("or an integer of at most 15 digits")
+    assert "years 2000-2099" in errors[("timestamp",)]["expected"]
+    assert "pattern" not in errors[("timestamp",)]["msg"]  # words, not the regex
+    assert errors[("bidFloor",)]["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("startCount", -25), ("startCount1d", -1e16), ("viewCount", 2e9), ("clickCount", "3"),
+    ("country", True), ("softwareVersion", 11.4), ("deviceType", "a\x00b"),
+    ("campaignId", "c" * 257), ("timestamp", "0227-05-01T00:00:00-00:58"),
+    ("lastStart", 1547510413), ("timestamp", "2019-02-29 00:00:00"), ("unknownKey", 1),
+])
+def test_each_invalid_value_is_422_naming_its_field(client, field, value) -> None:
+    assert set(offending(client.post("/predict", json={**ROW, field: value}))) == {(field,)}
+
+
+def test_a_list_names_each_offending_row_and_field(client) -> None:
+    rows = [{**ROW, "startCount": -1}, ROW, {**ROW, "country": False, "startCount7d": -2}]
+    assert set(offending(client.post("/predict", json=rows))) == {
+        (0, "startCount"), (2, "country"), (2, "startCount7d"),
+    }
+    missing = offending(client.post("/predict", json=[{"campaignId": "c1"}, {}, ROW, {}]))
+    assert set(missing) == {(0, "timestamp"), (1, "timestamp"), (3, "timestamp")}
+
+
+def test_whole_numbers_for_categoricals_score_as_their_digits(client) -> None:
+    scores = [client.post("/predict", json={**ROW, "sourceGameId": value}).json()["probabilities"]
+              for value in (3, 3.0, "3")]
+    assert scores[0] == scores[1] == scores[2]
+
+
 def test_malformed_json_and_empty_list_are_422(client) -> None:
     bad = client.post("/predict", content=b'{"timestamp": ', headers={"content-type": "a/json"})
     assert bad.status_code == 422
@@ -191,16 +247,26 @@ def test_errors_never_echo_a_stack_trace(client, monkeypatch) -> None:
 
 def test_openapi_documents_predict(client) -> None:
     spec = client.get("/openapi.json").json()
-    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
-    assert "timestamp" in body["schema"]["anyOf"][0]["required"]
+    predict = spec["paths"]["/predict"]["post"]
+    body = predict["requestBody"]["content"]["application/json"]
+    row = body["schema"]["anyOf"][0]
+    assert row["required"] == ["timestamp"] and row["additionalProperties"] is False
     assert body["schema"]["anyOf"][1]["maxItems"] == 5
+    count = row["properties"]["startCount"]["anyOf"][0]
+    assert (count["type"], count["minimum"], count["maximum"]) == ("number", 0, 1e9)
+    assert row["properties"]["timestamp"]["pattern"].startswith("^")
+    assert set(predict["responses"]) == {"200", "413", "422", "500"}
+    for status in ("413", "422", "500"):
+        answer = predict["responses"][status]["content"]["application/json"]
+        assert "$ref" in answer["schema"] and answer["example"]["detail"]
+    assert "409" in spec["paths"]["/reload"]["post"]["responses"]
     assert client.get("/docs").status_code == 200
 
 
 def test_fastapi_route_and_fast_path_agree(client) -> None:
     app = client.app
     with TestClient(app.api) as plain:
-        for body in (ROW, [ROW, {"timestamp": ROW["timestamp"]}], {"campaignId": 1}):
+        for body in (ROW, [ROW, {"timestamp": ROW["timestamp"]}], {"campaignId": 1}, ISSUE_17_ROW):
             fast, slow = client.post("/predict", json=body), plain.post("/predict", json=body)
             assert (fast.status_code, fast.json()) == (slow.status_code, slow.json())
 
@@ -257,9 +323,9 @@ def test_serve_refuses_to_start_on_a_missing_model(paths: ProjectPaths) -> None:
                         str(paths.models_dir / "pipeline_20990101T000000Z.pkl"))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
-    assert error_lines(stderr) == [
-        f"rtb: error: {paths.models_dir / 'pipeline_20990101T000000Z.pkl'}: model file not found"
-    ]
+    lines = error_lines(stderr)  # the path as given or relative to the project: either names it
+    assert len(lines) == 1
+    assert lines[0].endswith("models/pipeline_20990101T000000Z.pkl: model file not found")
 
 
 def test_hot_swap_under_load_drops_no_request(paths: ProjectPaths, models) -> None:
