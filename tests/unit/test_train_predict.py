@@ -91,7 +91,8 @@ def test_train_writes_versioned_model_report_and_champion(trained) -> None:
     assert len(report["calibration"]["reliability"]) == 10
     assert "platform" in report["calibration"]["by_segment"]
     assert report["environment"]["libraries"]["scikit-learn"]
-    assert any(key.endswith("C") for key in report["params"])
+    assert "model__estimator" in report["params"]
+    assert "deprecated" not in map(str, report["params"].values())
     assert load_champion_entry(trained).path == models[0]
     plots = sorted(p.name for p in trained.reports_dir.glob("report_*.png"))
     assert [name.rsplit("_", 1)[1] for name in plots] == [

@@ -18,23 +18,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.feather as feather
 
 from rtb.config import ProjectPaths
-from rtb.data.make_dataset import read_interim
+from rtb.data.make_dataset import DictionaryUnifier, IpcBatchWriter, open_batches
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import derive_feature_table
 from rtb.io_utils import atomic_path
-from rtb.overlap import in_parallel
 
 if TYPE_CHECKING:  # the stage runs on Arrow alone; pandas is imported by the readers
     import pandas as pd
@@ -46,58 +47,122 @@ def preprocess(interim: pa.Table, cfg: DatasetConfig, *, source: str = "interim"
     """Pure core: typed interim table -> processed table (features, id, timestamp, target)."""
     # The raw input's fingerprint (make_dataset's `rtb.*` metadata) travels with the rows, so
     # a training report can name the raw files behind every hand-over it read.
-    provenance = {k: v for k, v in (interim.schema.metadata or {}).items() if k.startswith(b"rtb.")}
-    features = derive_feature_table(interim, cfg).replace_schema_metadata(provenance or None)
-    for feature in cfg.datetimes.values():
-        negative = pc.sum(pc.less(features.column(feature), 0)).as_py() or 0
-        if negative:
-            log.warning("%s: %d rows have %s < 0 (event after the request)", source, negative,
-                        feature)
+    features = derive_feature_table(interim, cfg).replace_schema_metadata(
+        _provenance(interim.schema) or None)
+    _warn_about_negative_recency(_negative_recency(features, cfg), source)
     return features
 
 
+def _provenance(schema: pa.Schema) -> dict[bytes, bytes]:
+    return {k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"rtb.")}
+
+
+def _warn_about_negative_recency(counts: dict[str, int], source: str) -> None:
+    for feature, negative in counts.items():
+        if negative:
+            log.warning("%s: %d rows have %s < 0 (event after the request)", source, negative,
+                        feature)
+
+
+def _negative_recency(features: pa.Table | pa.RecordBatch, cfg: DatasetConfig) -> dict[str, int]:
+    return {feature: pc.sum(pc.less(features.column(feature), 0)).as_py() or 0
+            for feature in cfg.datetimes.values()}
+
+
+def preprocess_batches(
+    batches: Iterable[pa.RecordBatch], cfg: DatasetConfig, *, source: str = "interim"
+) -> Iterator[pa.RecordBatch]:
+    """Core, batch by batch: interim batches -> processed batches, with one dictionary per
+    categorical column across them (`__missing__` appended where the first gap appears, which
+    is where a whole-table derivation puts it too)."""
+    unifier, negative = DictionaryUnifier(), dict.fromkeys(cfg.datetimes.values(), 0)
+    for batch in batches:
+        features = derive_feature_table(pa.Table.from_batches([batch]), cfg)
+        for feature, count in _negative_recency(features, cfg).items():
+            negative[feature] += count
+        for derived in features.to_batches():
+            yield unifier.unify(derived)
+    _warn_about_negative_recency(negative, source)
+
+
 def write_processed(table: pa.Table, csv_path: Path, arrow_path: Path) -> None:
-    """Write the CSV export and the Arrow hand-over; both are renamed into place after both
-    were written."""
-    text = pa.table([_as_plain(column) for column in table.columns], names=table.column_names)
-    # One dictionary per column across all chunks: pandas then converts without unifying one
-    # dictionary per chunk on every read.
-    hand_over = table.unify_dictionaries()
+    """Write the CSV export and the Arrow hand-over of a whole table; both are renamed into
+    place after both were written."""
+    write_processed_batches(table.unify_dictionaries().to_batches(), csv_path, arrow_path,
+                            metadata=table.schema.metadata)
+
+
+def write_processed_batches(
+    batches: Iterable[pa.RecordBatch], csv_path: Path, arrow_path: Path, *,
+    metadata: dict[bytes, bytes] | None = None,
+) -> int:
+    """Write the CSV export and the Arrow hand-over batch by batch (categoricals with one
+    dictionary per column, so pandas converts without unifying one per batch on every read);
+    both are renamed into place after both were written. The number of rows written.
+
+    Arrow's CSV writer and the IPC writer both run without the GIL: each writes batch `i` on
+    its own thread while the next batch is derived, so at most three batches are in memory."""
     with (atomic_path(csv_path, overwrite=True) as csv_tmp,
-          atomic_path(arrow_path, overwrite=True) as arrow_tmp):
-        in_parallel(  # Arrow's CSV writer and the IPC writer both run without the GIL
-            lambda: _writing(csv_path, lambda: pcsv.write_csv(text, csv_tmp)),
-            lambda: _writing(arrow_path, lambda: feather.write_feather(
-                hand_over, str(arrow_tmp), compression="uncompressed")),
-        )
+          atomic_path(arrow_path, overwrite=True) as arrow_tmp,
+          ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as pool):
+        hand_over = IpcBatchWriter(arrow_tmp, metadata)
+        text: pcsv.CSVWriter | None = None
+        pending: list[Future[None]] = []
+        try:
+            for batch in batches:
+                plain = pa.record_batch([_as_plain(c) for c in batch.columns], names=batch.schema.names)
+                if text is None:
+                    text = pcsv.CSVWriter(str(csv_tmp), plain.schema)
+                for future in pending:
+                    future.result()
+                pending = [pool.submit(_writing, csv_path, text.write_batch, plain),
+                           pool.submit(_writing, arrow_path, hand_over.write, batch)]
+            for future in pending:
+                future.result()
+        except BaseException:
+            for future in pending:
+                future.exception()  # let the writers finish before their files are closed
+            hand_over.abandon()
+            if text is not None:
+                text.close()
+            raise
+        if text is None:
+            raise RtbError(f"{arrow_path}: nothing to write (no rows)")
+        _writing(csv_path, text.close)
+        return _writing(arrow_path, hand_over.close)
 
 
-def _writing(final: Path, write: Callable[[], object]) -> None:
+def _writing(final: Path, write: Callable[..., object], *args: object) -> object:
     """Run one of two concurrent writes; a failure names its own file (both run inside both
     files' atomic blocks, so the blocks cannot tell whose error it is)."""
     try:
-        write()
+        return write(*args)
     except OSError as exc:
         raise RtbError(f"{final}: write failed ({exc.strerror or exc})") from exc
 
 
-def _as_plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _as_plain(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     if pa.types.is_dictionary(column.type):
         return pc.cast(column, column.type.value_type)
     return column
 
 
 def run_preprocess(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:
-    """CLI stage: data/interim/<split>.arrow -> data/processed/<split>_df.arrow and .csv."""
+    """CLI stage: data/interim/<split>.arrow -> data/processed/<split>_df.arrow and .csv,
+    streamed one interim batch at a time."""
     started = time.perf_counter()
     interim_path = paths.interim(split)
-    features = preprocess(read_interim(interim_path), cfg, source=interim_path.name)
+    reader = open_batches(interim_path, "make-dataset")
     out = paths.processed(split)
-    write_processed(features, out, paths.processed_arrow(split))
+    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    rows = write_processed_batches(
+        preprocess_batches(batches, cfg, source=interim_path.name), out,
+        paths.processed_arrow(split), metadata=_provenance(reader.schema) or None,
+    )
     log.info(
         "%s: %d rows, %d features derived, wrote %s and %s in %.1f s",
         split,
-        features.num_rows,
+        rows,
         len(cfg.feature_columns),
         out.name,
         paths.processed_arrow(split).name,
@@ -115,8 +180,54 @@ def read_processed(
     A hand-over from another dataset config fails here with the missing column named, not
     deep inside sklearn. Training passes `with_id=False`: millions of id strings it never
     looks at.
+
+    Read batch by batch into columns allocated once for all rows (the row count is in the
+    file's footer): the frame is the only full-size copy ever held, and no page of the file
+    stays mapped.
     """
-    return _to_frame(_read_processed_table(path, cfg, require_target, with_id), cfg)
+    import pandas as pd
+
+    reader = open_batches(path, "preprocess")
+    needed = _needed(cfg, require_target, with_id)
+    _check_columns(path, reader.schema.names, needed, cfg)
+    if not reader.num_record_batches:
+        return _to_frame(_read_processed_table(path, cfg, require_target, with_id), cfg)
+    _, rows = hand_over_info(path)
+    types = {name: reader.schema.field(name).type for name in needed}
+    texts: dict[str, list[pa.Array]] = {n: [] for n, t in types.items() if not _fills(t)}
+    filled = {n: np.empty(rows, dtype=np.int32 if pa.types.is_dictionary(t) else t.to_pandas_dtype())
+              for n, t in types.items() if _fills(t)}
+    unifier, dictionaries, offset = DictionaryUnifier(), {}, 0
+    for i in range(reader.num_record_batches):
+        batch = unifier.unify(reader.get_batch(i).select(needed))
+        end = offset + batch.num_rows
+        for name, column in zip(needed, batch.columns, strict=True):
+            if name in texts:
+                texts[name].append(column)
+            elif pa.types.is_dictionary(column.type):
+                filled[name][offset:end] = pc.fill_null(column.indices, -1).to_numpy()
+                dictionaries[name] = column.dictionary
+            else:
+                filled[name][offset:end] = column.to_numpy(zero_copy_only=False)
+        offset = end
+    data: dict[str, object] = {}
+    for name, kind in types.items():
+        if name in texts:
+            data[name] = pa.chunked_array(texts.pop(name), type=kind).to_pandas()
+        elif pa.types.is_dictionary(kind):
+            empty = pa.DictionaryArray.from_arrays(pa.array([], pa.int32()), dictionaries[name])
+            data[name] = pd.Categorical.from_codes(filled.pop(name), dtype=empty.to_pandas().dtype)
+        else:
+            data[name] = filled.pop(name)
+    frame = pd.DataFrame(data, copy=False)
+    stamps = frame[cfg.timestamp]
+    frame[cfg.timestamp] = stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
+    return frame
+
+
+def _fills(kind: pa.DataType) -> bool:
+    """Whether a column is read into a preallocated numpy array (all but text)."""
+    return not (pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 def read_processed_many(
@@ -154,20 +265,98 @@ def hand_over_info(path: Path) -> tuple[dict[str, str], int]:
     return {k.decode(): v.decode() for k, v in metadata.items() if k.startswith(b"rtb.")}, rows
 
 
+class FrameConverter:
+    """Record batches of one hand-over -> pandas frames with the dtypes `_to_frame` gives, the
+    categories of each column built once: converting each batch on its own would rebuild
+    tens of thousands of category strings per column per batch."""
+
+    def __init__(self, cfg: DatasetConfig) -> None:
+        self.cfg = cfg
+        self._dtypes: dict[str, tuple[pa.Array, object]] = {}
+
+    def frame(self, batch: pa.RecordBatch) -> pd.DataFrame:
+        import pandas as pd
+
+        data: dict[str, object] = {}
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            if pa.types.is_dictionary(column.type):
+                cached = self._dtypes.get(name)
+                if cached is None or not cached[0].equals(column.dictionary):
+                    cached = (column.dictionary, column.slice(0, 0).to_pandas().dtype)
+                    self._dtypes[name] = cached
+                codes = pc.fill_null(column.indices, -1).to_numpy()
+                data[name] = pd.Categorical.from_codes(codes, dtype=cached[1])
+            else:
+                data[name] = column.to_pandas()
+        frame = pd.DataFrame(data)
+        if self.cfg.timestamp in frame:
+            stamps = frame[self.cfg.timestamp]
+            frame[self.cfg.timestamp] = stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
+        return frame
+
+
 @dataclass
-class ScoringInput:
-    """What `rtb predict` scores: ids (kept in Arrow: they only go back out into the
-    predictions file, so they never become Python strings) and the features as a frame."""
+class ScoringBatches:
+    """What `rtb predict` scores, one hand-over batch at a time: ids (kept in Arrow: they only
+    go back out into the predictions file, so they never become Python strings) and the
+    features as a frame. `rows` is known before any batch is read (the IPC footer)."""
 
-    ids: pa.ChunkedArray
-    frame: pd.DataFrame
+    path: Path
+    reader: pa.ipc.RecordBatchFileReader
+    columns: list[str]
+    converter: FrameConverter
+    rows: int
+    frame_rows: int  # rows per frame handed out, whatever the file's batches
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.frame_rows)
+
+    def __iter__(self) -> Iterator[tuple[pa.Array, pd.DataFrame]]:
+        id_column = self.converter.cfg.id_column
+        batches = (self.reader.get_batch(i).select(self.columns)
+                   for i in range(self.reader.num_record_batches))
+        for batch in rechunked(batches, self.frame_rows):
+            yield batch.column(id_column), self.converter.frame(batch.drop_columns([id_column]))
 
 
-def read_scoring_input(path: Path, cfg: DatasetConfig) -> ScoringInput:
-    """The processed test hand-over for `rtb predict`."""
-    table = _read_processed_table(path, cfg, require_target=False, with_id=True)
-    ids = table.column(cfg.id_column)
-    return ScoringInput(ids, _to_frame(table.drop_columns([cfg.id_column]), cfg))
+def rechunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The same rows in batches of exactly `rows` (the last one shorter), holding at most one
+    output batch's worth of input: what is computed per chunk (BLAS kernels round by block)
+    then does not depend on how a file happens to be batched."""
+    parts: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - held, batch.num_rows)
+            parts.append(batch.slice(0, take))
+            batch, held = batch.slice(take), held + take
+            if held == rows:
+                yield _combined(parts)
+                parts, held = [], 0
+    if held:
+        yield _combined(parts)
+
+
+def _combined(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+
+
+def read_scoring_batches(path: Path, cfg: DatasetConfig, frame_rows: int) -> ScoringBatches:
+    """The processed test hand-over for `rtb predict`, to stream in frames of `frame_rows`."""
+    reader = open_batches(path, "preprocess")
+    needed = [cfg.id_column, cfg.timestamp, *cfg.feature_columns]
+    _check_columns(path, reader.schema.names, needed, cfg)
+    _, rows = hand_over_info(path)
+    return ScoringBatches(path, reader, [cfg.id_column, *cfg.feature_columns], FrameConverter(cfg), rows,
+                          frame_rows)
+
+
+def _check_columns(path: Path, present: list[str], needed: list[str], cfg: DatasetConfig) -> None:
+    missing = [c for c in needed if c not in present]
+    if missing:
+        raise RtbError(f"{path}: missing column(s) {missing} (expected processed {cfg.name} data)")
 
 
 def _read_processed_table(
@@ -175,19 +364,21 @@ def _read_processed_table(
 ) -> pa.Table:
     if not path.exists():
         raise RtbError(f"{path}: file not found (run `rtb preprocess` first)")
-    needed = ([cfg.id_column] if with_id else []) + [cfg.timestamp, *cfg.feature_columns]
-    if require_target:
-        needed.append(cfg.target)
+    needed = _needed(cfg, require_target, with_id)
     try:
-        # Memory-mapped (see `read_interim` for why that is safe with rename-only writers).
+        # Memory-mapped: our writers only ever replace the file by rename, which leaves a
+        # mapping intact (a file cut short in place *during* a run would end it with SIGBUS).
         table = feather.read_table(path, memory_map=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RtbError(f"{path}: not a readable Arrow IPC file ({str(exc).splitlines()[0]}); "
                        "run `rtb preprocess` again") from exc
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise RtbError(f"{path}: missing column(s) {missing} (expected processed {cfg.name} data)")
+    _check_columns(path, table.column_names, needed, cfg)
     return table.select(needed)
+
+
+def _needed(cfg: DatasetConfig, require_target: bool, with_id: bool) -> list[str]:
+    needed = ([cfg.id_column] if with_id else []) + [cfg.timestamp, *cfg.feature_columns]
+    return needed + [cfg.target] if require_target else needed
 
 
 def _to_frame(table: pa.Table, cfg: DatasetConfig) -> pd.DataFrame:

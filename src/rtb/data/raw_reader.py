@@ -1,10 +1,12 @@
-"""Read a raw gzip CSV into an Arrow table, or fail with one line naming file, column and row.
+"""Read a raw gzip CSV as Arrow record batches, or fail with one line naming file, column and line.
 
-Reading is the floor of the whole pipeline's speed, so the happy path is a single
-multi-threaded pyarrow parse with explicit column types, fed by Intel ISA-L's gzip decoder
-(`isal`: about 2x zlib's speed, and zlib inflate alone was half of pyarrow's own gzip read).
-Only when that parse fails do we re-read the file as strings to find the first offending row,
-so that the error tells the user exactly what to fix.
+Reading is the floor of the whole pipeline's speed, so the happy path is pyarrow's streaming
+parser with explicit column types and large blocks (each block is parsed with all cores),
+fed by Intel ISA-L's gzip decoder (`isal`: about 2x zlib's speed, and zlib inflate alone was
+half of pyarrow's own gzip read). It holds one block at a time, so memory does not grow with
+the file. Only when that parse fails do we re-read the file as strings, from the failing
+block on, to find the first offending line, so that the error tells the user exactly what to
+fix.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import re
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,12 +98,26 @@ def check_columns(path: Path, header: list[str], cfg: DatasetConfig, split: str)
     return required
 
 
-def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
-    """Parse the raw file with explicit types; on failure pinpoint the bad column and row.
+@dataclass(frozen=True)
+class RawBatch:
+    """Rows of a raw file as parsed, and the file line of the first one (the header is line 1),
+    so that a check on the batch can name the line of a bad value."""
 
-    The parser types every column itself, in parallel: categoricals straight into
-    dictionaries, counts into float32, timestamps into timestamps (with or without a UTC
-    offset, as the first rows show), so no string copy of millions of values is ever built.
+    batch: pa.RecordBatch
+    first_line: int
+
+
+def read_raw_batches(
+    path: Path, cfg: DatasetConfig, split: str, *, block_bytes: int = READ_BLOCK_BYTES
+) -> Iterator[RawBatch]:
+    """Parse the raw file with explicit types, one block of `block_bytes` at a time; on
+    failure pinpoint the bad column and line.
+
+    The parser types every column itself: categoricals straight into dictionaries (one per
+    batch), counts into float32, timestamps into timestamps (with or without a UTC offset,
+    as the first rows show), so no string copy of the values is ever built, and only one
+    block of the file is in memory at a time. The blocks are those of a one-shot read with
+    the same block size, so the batches are too.
     """
     header = read_header(path, cfg.separator)
     columns = check_columns(path, header, cfg, split)
@@ -111,27 +129,42 @@ def read_raw_table(path: Path, cfg: DatasetConfig, split: str) -> pa.Table:
     stamp_types = _timestamp_types(path, header, cfg)
     if split == "train":
         types[cfg.target] = pa.float64()
-    try:
-        return _read_typed(path, cfg, columns, types | stamp_types)
-    except pa.ArrowInvalid as exc:
-        first_error = exc
-    if stamp_types:
-        # Perhaps only the timestamps disagree with the first rows (offsets on some rows, not
-        # on others): read them as text, `parse_timestamps` takes both kinds.
+    # Perhaps only the timestamps disagree with the first rows (offsets on some rows, not on
+    # others): then the rest of the file is read again with them as text, which
+    # `parse_timestamps` takes in both kinds; the rows already handed out stay as they are.
+    attempts = [types | stamp_types, types] if stamp_types else [types]
+    done = 0
+    first_error: pa.ArrowInvalid | None = None
+    for attempt, column_types in enumerate(attempts):
         try:
-            table = _read_typed(path, cfg, columns, types)
-        except pa.ArrowInvalid:
-            pass
-        else:
+            for batch in _skipping(_stream(path, cfg, columns, column_types, block_bytes), done):
+                yield RawBatch(batch, done + 2)
+                done += batch.num_rows
+        except pa.ArrowInvalid as exc:
+            first_error = first_error or exc
+            continue
+        if attempt:
             log.info("%s: timestamps mix UTC offsets and naive values; parsed both as UTC", path.name)
-            return table
-    raise _explain_parse_error(path, cfg, columns, first_error) from first_error
+        return
+    assert first_error is not None
+    raise _explain_parse_error(path, cfg, columns, first_error, block_bytes, done) from first_error
 
 
-def _read_typed(
-    path: Path, cfg: DatasetConfig, columns: list[str], types: dict[str, pa.DataType]
-) -> pa.Table:
-    convert = pcsv.ConvertOptions(
+def _skipping(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The batches without their first `rows` rows."""
+    for batch in batches:
+        if rows >= batch.num_rows:
+            rows -= batch.num_rows
+            continue
+        yield batch.slice(rows) if rows else batch
+        rows = 0
+
+
+def _stream(
+    path: Path, cfg: DatasetConfig, columns: list[str], types: dict[str, pa.DataType],
+    block_bytes: int, convert: pcsv.ConvertOptions | None = None,
+) -> Iterator[pa.RecordBatch]:
+    convert = convert or pcsv.ConvertOptions(
         column_types=types,
         include_columns=columns,
         strings_can_be_null=True,
@@ -139,12 +172,10 @@ def _read_typed(
         quoted_strings_can_be_null=True,
     )
     parse = pcsv.ParseOptions(delimiter=cfg.separator, newlines_in_values=False)
-    read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES)
+    read = pcsv.ReadOptions(block_size=block_bytes, use_threads=True)
     try:
-        if path.suffix != ".gz":
-            return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
-        with igzip.open(path, "rb") as handle:
-            return pcsv.read_csv(
+        with (igzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            yield from pcsv.open_csv(
                 handle, read_options=read, parse_options=parse, convert_options=convert
             )
     except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
@@ -179,46 +210,57 @@ def _timestamp_types(path: Path, header: list[str], cfg: DatasetConfig) -> dict[
 
 
 def _explain_parse_error(
-    path: Path, cfg: DatasetConfig, columns: list[str], exc: Exception
+    path: Path, cfg: DatasetConfig, columns: list[str], exc: Exception, block_bytes: int,
+    skip_rows: int,
 ) -> RtbError:
-    """Re-read as strings to name the first value that is not a number."""
+    """Re-read as strings, batch by batch from the one that failed, to name the first value
+    that is not a timestamp or a number."""
     message = str(exc).splitlines()[0]
+    as_text = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                  include_columns=columns)
+    stamps = [cfg.timestamp, *cfg.datetimes]
+    numeric = [c for c in cfg.numerical + [cfg.target] if c in columns]
+    done = 0
     try:
-        table = pcsv.read_csv(
-            path,
-            parse_options=pcsv.ParseOptions(delimiter=cfg.separator),
-            convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in columns}, include_columns=columns
-            ),
-        )
-    except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as inner:
+        for batch in _stream(path, cfg, columns, {}, block_bytes, as_text):
+            first_line, done = done + 2, done + batch.num_rows
+            if done <= skip_rows:
+                continue
+            for name in stamps:
+                error = _bad_timestamp_error(path, name, batch.column(name), first_line)
+                if error is not None:
+                    return error
+            for name in numeric:
+                error = _bad_number_error(path, name, batch.column(name), first_line)
+                if error is not None:
+                    return error
+    except (pa.ArrowInvalid, RtbError) as inner:
         detail = str(inner).splitlines()[0]
         return RtbError(f"{path}: malformed CSV ({detail})")
-    for name in [cfg.timestamp, *cfg.datetimes]:
-        error = _bad_timestamp_error(path, name, table.column(name))
-        if error is not None:
-            return error
+    return RtbError(f"{path}: malformed CSV ({message})")
+
+
+def _bad_number_error(path: Path, name: str, column: pa.Array, first_line: int) -> RtbError | None:
     import pandas as pd
 
-    numeric = [c for c in cfg.numerical + [cfg.target] if c in table.column_names]
-    for name in numeric:
-        text = table.column(name).to_pandas()
-        parsed = pd.to_numeric(text, errors="coerce")
-        bad = np.flatnonzero(parsed.isna().to_numpy() & ~_is_null_text(text))
-        if bad.size:
-            row = int(bad[0])
-            return RtbError(
-                f"{path}: column {name!r} line {row + 2}: expected a number, got {text.iloc[row]!r}"
-            )
-    return RtbError(f"{path}: malformed CSV ({message})")
+    text = column.to_pandas()
+    parsed = pd.to_numeric(text, errors="coerce")
+    bad = np.flatnonzero(parsed.isna().to_numpy() & ~_is_null_text(text))
+    if not bad.size:
+        return None
+    row = int(bad[0])
+    return RtbError(
+        f"{path}: column {name!r} line {first_line + row}: expected a number, got {text.iloc[row]!r}"
+    )
 
 
 def _is_null_text(text: pd.Series) -> np.ndarray:
     return text.isna().to_numpy() | text.isin(NULL_TEXTS).to_numpy()
 
 
-def parse_timestamps(path: Path, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """ISO timestamps with or without a UTC offset -> timestamp[ms, UTC]; a bad one is an error."""
+def parse_timestamps(path: Path, name: str, column: pa.Array, first_line: int = 2) -> pa.Array:
+    """ISO timestamps with or without a UTC offset -> timestamp[ms, UTC]; a bad one is an error
+    naming its line (`first_line` is the file line of the column's first value)."""
     target = pa.timestamp("ms", tz="UTC")
     for attempt in (pa.timestamp("us", tz="UTC"), pa.timestamp("us")):
         try:
@@ -228,17 +270,19 @@ def parse_timestamps(path: Path, name: str, column: pa.ChunkedArray) -> pa.Chunk
         if attempt.tz is None:
             parsed = pc.assume_timezone(parsed, "UTC")
         return pc.cast(parsed, target, safe=False)
-    error = _bad_timestamp_error(path, name, column)
+    error = _bad_timestamp_error(path, name, column, first_line)
     if error is None:  # every value is valid ISO, but offsets and naive values are mixed
         import pandas as pd
 
         text = column.to_pandas()
         parsed = pd.to_datetime(text, utc=True, format="ISO8601")
-        return pa.chunked_array([pc.cast(pa.array(parsed), target, safe=False)])
+        return pc.cast(pa.array(parsed), target, safe=False)
     raise error
 
 
-def _bad_timestamp_error(path: Path, name: str, column: pa.ChunkedArray) -> RtbError | None:
+def _bad_timestamp_error(
+    path: Path, name: str, column: pa.Array, first_line: int
+) -> RtbError | None:
     import pandas as pd
 
     text = column.to_pandas()
@@ -248,6 +292,6 @@ def _bad_timestamp_error(path: Path, name: str, column: pa.ChunkedArray) -> RtbE
         return None
     row = int(bad[0])
     return RtbError(
-        f"{path}: column {name!r} line {row + 2}: expected an ISO timestamp such as "
+        f"{path}: column {name!r} line {first_line + row}: expected an ISO timestamp such as "
         f"'2019-01-09 21:20:15.943000+00:00', got {text.iloc[row]!r}"
     )

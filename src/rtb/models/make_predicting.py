@@ -1,5 +1,8 @@
 """Stage 4: score the processed test set with one verified model, keyed by a new version.
 
+The hand-over is read, scored and written one batch at a time (the .npy's header takes the
+row count from the hand-over's footer), so memory does not grow with the number of rows.
+
 The model is resolved once (the champion, or `--model`), verified against its recorded
 sha256, and named with that sha256 beside the predictions, so a training run promoting a new
 champion halfway through cannot mix two models into one output.
@@ -7,9 +10,13 @@ champion halfway through cannot mix two models into one output.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +26,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from rtb.config import ProjectPaths, claim_version, new_version
-from rtb.data.preprocessing import read_scoring_input
+from rtb.data.preprocessing import ScoringBatches, read_scoring_batches
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import feature_frame
 from rtb.io_utils import atomic_path, replace_set, sha256_file, write_yaml
 from rtb.models import registry
 from rtb.overlap import in_parallel
+from rtb.prediction_sets import PredictionSet
 from rtb.progress import Progress
 
 if TYPE_CHECKING:
@@ -36,55 +44,85 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 250_000
 SCORING_THREADS = 2
 CHECK_ROWS = 20_000
-SUFFIXES = (".npy", ".csv", ".yaml")  # the .yaml sidecar is written last: it marks a complete set
-PREDICTIONS_STEM = "predictions"  # the file names inside a partition's prediction set
 
 
 def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarray:
-    """Pure core: probability of install for each row, in input order.
+    """Pure core: probability of install for each row, in input order (the whole frame at
+    once: `predict_batches` on its chunks)."""
+    chunks = (frame.iloc[start : start + CHUNK_ROWS] for start in range(0, len(frame), CHUNK_ROWS))
+    scored = list(predict_batches(model, chunks, cfg, chunks=-(-len(frame) // CHUNK_ROWS)))
+    return np.concatenate(scored) if scored else np.empty(0, dtype=np.float64)
 
-    Rows are scored in chunks: the encoded feature matrix of the whole input would otherwise
-    sit in memory beside the frame, for results that are the same row by row.
-    """
+
+def predict_batches(
+    model: object, frames: Iterable[pd.DataFrame], cfg: DatasetConfig, *, chunks: int
+) -> Iterator[np.ndarray]:
+    """Core, batch by batch: the probabilities of each frame of `frames` (`chunks` of them),
+    in order, holding at most a few frames at a time.
+
+    The table scorer is checked against `predict_proba` on the first `CHECK_ROWS` rows
+    (gathered across frames, so the check does not depend on how the input is batched)."""
     # Imported here, not at module level: sklearn's import is what `run_predicting` overlaps
     # with reading the input, and it happens while the model is unpickled.
     from rtb.scoring.batch import batch_scorer
 
-    features = feature_frame(frame, cfg)
-    probabilities = np.empty(len(features), dtype=np.float64)
-    starts = range(0, len(features), CHUNK_ROWS)
-    progress = Progress(log, "predict", len(starts))
+    frames = iter(frames)
+    head: list[pd.DataFrame] = []
+    while sum(len(f) for f in head) < CHECK_ROWS and (frame := next(frames, None)) is not None:
+        head.append(feature_frame(frame, cfg))
+    if not head:
+        return
+    import pandas as pd
+
+    sample = pd.concat(head).iloc[:CHECK_ROWS] if len(head) > 1 else head[0].iloc[:CHECK_ROWS]
     try:
-        fast = batch_scorer(model, features.iloc[:CHECK_ROWS])
+        fast = batch_scorer(model, sample)
     except KeyError as exc:
         raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
     if fast is not None:
         log.info("scoring through per-level log-odds tables (equal to predict_proba within "
-                 "1e-9 on the first %d rows)", min(CHECK_ROWS, len(features)))
+                 "1e-9 on the first %d rows)", len(sample))
 
-    def score(start: int) -> int:
-        chunk = features.iloc[start : start + CHUNK_ROWS]
-        if fast is not None:
-            probabilities[start : start + len(chunk)] = fast.predict_positive(chunk)
-        else:
-            probabilities[start : start + len(chunk)] = model.predict_proba(chunk)[:, 1]
-        return start + len(chunk)
+    def score(features: pd.DataFrame) -> np.ndarray:
+        try:
+            if fast is not None:
+                probabilities = np.asarray(fast.predict_positive(features), dtype=np.float64)
+            else:
+                probabilities = np.asarray(model.predict_proba(features)[:, 1], dtype=np.float64)
+        except KeyError as exc:
+            raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
+        if not np.all(np.isfinite(probabilities)):
+            raise RtbError("model produced non-finite probabilities; refusing to write them")
+        return probabilities
 
-    try:
-        # The first chunk alone: it builds the encoders' lazy hash indexes, which must not be
-        # built by two threads at once. Then two chunks at a time: the encoders and the model
-        # spend their time in numpy and LightGBM kernels that release the GIL; each chunk
-        # writes its own slice.
-        for start in starts[:1]:
-            progress.advance(f"scored rows {start + 1}-{score(start)} of {len(features)}")
-        with ThreadPoolExecutor(max_workers=SCORING_THREADS, thread_name_prefix="score") as pool:
-            for start, end in zip(starts[1:], pool.map(score, starts[1:]), strict=True):
-                progress.advance(f"scored rows {start + 1}-{end} of {len(features)}")
-    except KeyError as exc:
-        raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
-    if not np.all(np.isfinite(probabilities)):
-        raise RtbError("model produced non-finite probabilities; refusing to write them")
-    return probabilities
+    progress, done = Progress(log, "predict", chunks), 0
+    rest = (feature_frame(frame, cfg) for frame in frames)
+    # The first frame alone: it builds the encoders' lazy hash indexes, which must not be
+    # built by two threads at once. Then two frames at a time: the encoders and the model
+    # spend their time in numpy and LightGBM kernels that release the GIL.
+    with ThreadPoolExecutor(max_workers=SCORING_THREADS, thread_name_prefix="score") as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        for position, features in enumerate(itertools.chain(head, rest)):
+            if position == 0:
+                pending.append(_done(score(features)))
+            else:
+                pending.append(pool.submit(score, features))
+            while pending and (len(pending) > SCORING_THREADS or position == 0):
+                probabilities = pending.popleft().result()
+                done += len(probabilities)
+                progress.advance(f"scored rows {done - len(probabilities) + 1}-{done}")
+                yield probabilities
+        while pending:
+            probabilities = pending.popleft().result()
+            done += len(probabilities)
+            progress.advance(f"scored rows {done - len(probabilities) + 1}-{done}")
+            yield probabilities
+
+
+def _done(value: np.ndarray) -> Future[np.ndarray]:
+    future: Future[np.ndarray] = Future()
+    future.set_result(value)
+    return future
 
 
 def load_scoring_model(entry: registry.ModelEntry) -> object:
@@ -95,37 +133,83 @@ def load_scoring_model(entry: registry.ModelEntry) -> object:
     return model
 
 
+@dataclass
+class Scored:
+    """What was written: rows and their mean probability (for the sidecar and the log)."""
+
+    rows: int
+    mean_probability: float | None
+
+
 def write_prediction_set(
-    paths: ProjectPaths, version: str, ids: pa.ChunkedArray, probabilities: np.ndarray,
+    paths: ProjectPaths, version: str, ids: pa.ChunkedArray | pa.Array, probabilities: np.ndarray,
     sidecar: dict[str, object],
 ) -> Path:
     """The three files of one versioned result: probabilities, ids with probabilities, the
     sidecar. If any write fails, the ones already renamed into place are removed again, so a
     predictions_<version> set is either complete or absent."""
-    return _write_set_files([paths.predictions(version, suffix) for suffix in SUFFIXES], ids,
-                            probabilities, sidecar)
+    files = PredictionSet.versioned(paths, version).files
+    chunks, start = [], 0
+    for chunk in ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]:
+        chunks.append((chunk, probabilities[start : start + len(chunk)]))
+        start += len(chunk)
+    _write_set_files(files, chunks, len(probabilities), lambda _: sidecar)
+    return files[0]
+
+
+Chunks = Iterable[tuple[pa.Array, np.ndarray]]
 
 
 def _write_set_files(
-    files: list[Path], ids: pa.ChunkedArray, probabilities: np.ndarray, sidecar: dict[str, object]
-) -> Path:
+    files: list[Path], chunks: Chunks, rows: int, sidecar: Callable[[Scored], dict[str, object]],
+) -> Scored:
+    """Write (ids, probabilities) chunks as they come into the .npy and .csv (the .npy header
+    needs the row count up front: the hand-over's footer gives it), then the sidecar, given
+    what was written."""
     npy, csv, yaml_path = files
-    table = pa.table({"id": pc.cast(ids, pa.string()), "probability": pa.array(probabilities)})
     written: list[Path] = []
     try:
-        with atomic_path(npy) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, probabilities)
+        with atomic_path(npy) as npy_tmp:
+            with atomic_path(csv) as csv_tmp:
+                scored = _write_chunks(npy_tmp, csv_tmp, chunks, rows)
+            written.append(csv)
         written.append(npy)
-        with atomic_path(csv) as tmp:
-            pcsv.write_csv(table, tmp)
-        written.append(csv)
-        write_yaml(yaml_path, sidecar)
+        write_yaml(yaml_path, sidecar(scored))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return npy
+    return scored
+
+
+def _write_chunks(npy_path: Path, csv_path: Path, chunks: Chunks, rows: int) -> Scored:
+    done, total = 0, 0.0
+    schema = pa.schema([("id", pa.string()), ("probability", pa.float64())])
+    with open(npy_path, "wb") as npy_out, pcsv.CSVWriter(str(csv_path), schema) as csv_out:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+                  "fortran_order": False, "shape": (rows,)}
+        np.lib.format.write_array_header_1_0(npy_out, header)  # what np.save writes
+        for ids, probabilities in chunks:
+            npy_out.write(np.ascontiguousarray(probabilities, dtype=np.float64).tobytes())
+            csv_out.write_table(pa.table([pc.cast(ids, pa.string()), pa.array(probabilities)],
+                                         schema=schema))
+            done, total = done + len(probabilities), total + float(probabilities.sum())
+    if done != rows:
+        raise RtbError(f"{npy_path.name}: {rows} rows announced, {done} written")
+    return Scored(done, total / done if done else None)
+
+
+def _scored_chunks(model: object, scoring: ScoringBatches, cfg: DatasetConfig) -> Chunks:
+    """(ids, probabilities) per frame of the hand-over, scored as they are read."""
+    ids_of: deque[pa.Array] = deque()
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for ids, frame in scoring:
+            ids_of.append(ids)
+            yield frame
+
+    for probabilities in predict_batches(model, frames(), cfg, chunks=len(scoring)):
+        yield ids_of.popleft(), probabilities
 
 
 def run_predicting(
@@ -135,15 +219,20 @@ def run_predicting(
     started = time.perf_counter()
     entry = registry.resolve_model(paths, model_path)
     source = paths.processed_arrow("test")
-    ids, probabilities, input_sha = _score(entry, source, cfg)
-    version = claim_version(lambda v: paths.predictions(v, SUFFIXES[0]).exists())
-    sidecar = _sidecar(version, probabilities, entry, source, input_sha, started)
-    sidecar["outputs"] = [paths.predictions(version, suffix).name for suffix in SUFFIXES[:2]]
-    if run_id is not None:
-        sidecar["run_id"] = run_id
-    npy = write_prediction_set(paths, version, ids, probabilities, sidecar)
-    _log_done(probabilities, entry, npy, started)
-    return npy
+    scoring, input_sha, model = _open(entry, source, cfg)
+    version = claim_version(lambda v: PredictionSet.versioned(paths, v).probabilities.exists())
+
+    def sidecar(scored: Scored) -> dict[str, object]:
+        payload = _sidecar(version, scored, entry, source, input_sha, started)
+        payload["outputs"] = [path.name for path in PredictionSet.versioned(paths, version).files[:2]]
+        if run_id is not None:
+            payload["run_id"] = run_id
+        return payload
+
+    files = PredictionSet.versioned(paths, version).files
+    scored = _write_set_files(files, _scored_chunks(model, scoring, cfg), scoring.rows, sidecar)
+    _log_done(scored, entry, files[0], started)
+    return files[0]
 
 
 def run_predicting_partition(
@@ -160,54 +249,59 @@ def run_predicting_partition(
     started = time.perf_counter()
     entry = registry.resolve_model(paths, model_path)
     source = paths.processed_arrow(name)
-    ids, probabilities, input_sha = _score(entry, source, cfg)
+    scoring, input_sha, model = _open(entry, source, cfg)
     version = new_version()
-    sidecar = _sidecar(version, probabilities, entry, source, input_sha, started)
-    sidecar.update({
-        "partition": name,
-        "interval": {"start": interval[0], "end": interval[1]} if interval else None,
-        "run_id": run_id,
-        "outputs": [f"{PREDICTIONS_STEM}{suffix}" for suffix in SUFFIXES[:2]],
-    })
-    final = replace_set(paths.prediction_set(name), lambda folder: _write_set_files(
-        [folder / f"{PREDICTIONS_STEM}{suffix}" for suffix in SUFFIXES], ids, probabilities, sidecar))
-    _log_done(probabilities, entry, final, started)
+
+    def sidecar(scored: Scored) -> dict[str, object]:
+        payload = _sidecar(version, scored, entry, source, input_sha, started)
+        payload.update({
+            "partition": name,
+            "interval": {"start": interval[0], "end": interval[1]} if interval else None,
+            "run_id": run_id,
+            "outputs": [path.name for path in PredictionSet.in_folder(Path()).files[:2]],
+        })
+        return payload
+
+    results: list[Scored] = []
+    final = replace_set(paths.prediction_set(name), lambda folder: results.append(_write_set_files(
+        PredictionSet.in_folder(folder).files,
+        _scored_chunks(model, scoring, cfg), scoring.rows, sidecar)))
+    _log_done(results[0], entry, final, started)
     return final
 
 
-def _score(
+def _open(
     entry: registry.ModelEntry, source: Path, cfg: DatasetConfig
-) -> tuple[pa.ChunkedArray, np.ndarray, str]:
+) -> tuple[ScoringBatches, str, object]:
     log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
-    # Reading the input, hashing it for the sidecar and unpickling the model (which imports
+    # Opening the input, hashing it for the sidecar and unpickling the model (which imports
     # sklearn) are independent; an error in the input is reported before one of the model.
-    scoring_input, input_sha, model = in_parallel(
-        lambda: read_scoring_input(source, cfg),
+    return in_parallel(
+        lambda: read_scoring_batches(source, cfg, CHUNK_ROWS),
         lambda: sha256_file(source) if source.exists() else "",
         lambda: load_scoring_model(entry),
     )
-    return scoring_input.ids, predict(model, scoring_input.frame, cfg), input_sha
 
 
 def _sidecar(
-    version: str, probabilities: np.ndarray, entry: registry.ModelEntry, source: Path,
+    version: str, scored: Scored, entry: registry.ModelEntry, source: Path,
     input_sha: str, started: float,
 ) -> dict[str, object]:
     return {
         "version": version,
-        "rows": int(len(probabilities)),
-        "mean_probability": float(probabilities.mean()) if len(probabilities) else None,
+        "rows": scored.rows,
+        "mean_probability": scored.mean_probability,
         "model": {"file": entry.path.name, "version": entry.version, "sha256": entry.sha256},
         "input": {"file": source.name, "sha256": input_sha},
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _log_done(probabilities: np.ndarray, entry: registry.ModelEntry, out: Path, started: float) -> None:
+def _log_done(scored: Scored, entry: registry.ModelEntry, out: Path, started: float) -> None:
     log.info(
         "scored %d rows (mean probability %.5f) with %s; wrote %s in %.1f s",
-        len(probabilities),
-        probabilities.mean() if len(probabilities) else float("nan"),
+        scored.rows,
+        scored.mean_probability if scored.rows else float("nan"),
         entry.path.name,
         out.name,
         time.perf_counter() - started,
