@@ -1,7 +1,8 @@
 """Running over time, measured through the real stack: one hourly predict run end to end, and a
 backfill of N hours.
 
-Usage: `python bench/over_time.py [--rows-per-hour 150000] [--hours 24] [--max-active-runs 4]`
+Usage: `python bench/over_time.py [--rows-per-hour 150000] [--hours 24] [--max-active-runs 4]
+[--executors local,celery:1,celery:2]`
 
 Brings up a private copy of the stack with `sh run.sh` (as the system tests do: own compose
 project, free ports, `:bench` image tags), writes a partitioned stream into its data/raw
@@ -11,7 +12,11 @@ project, free ports, `:bench` image tags), writes a partitioned stream into its 
 1. one predict_pipeline run for one hour: trigger to prediction set on disk, and how much of
    it the stage containers themselves took (the `rtb` lines' own seconds in each task log)
    versus Airflow's scheduling, the sensor and container start-up;
-2. a backfill over `--hours` hours: wall time and runs per minute.
+2. a backfill over `--hours` hours: wall time and runs per minute, once per executor named by
+   `--executors` (default `local`; e.g. `local,celery:1,celery:2`): the same data, the same
+   model and the same project folder, the stack brought down (`run.sh down -v`, which keeps
+   the files but wipes Airflow's database) and up again with `sh run.sh up [--workers N]`
+   between them, so each backfill starts from no runs at all.
 
 Figures are printed (no assertions); needs Docker and BASE_IMAGE/POSTGRES_IMAGE as run.sh.
 The stack is torn down at the end (`--keep` leaves it up).
@@ -38,8 +43,10 @@ _spec = util.spec_from_file_location("rest_client", REPO / "airflow" / "rest_cli
 rest_client = util.module_from_spec(_spec)
 _spec.loader.exec_module(rest_client)  # type: ignore[union-attr]
 
-# A stage's closing line: "... in 1.7 s" or "...; 45.3 s in all" (training).
-STAGE_SECONDS = re.compile(r"INFO rtb[\w.]*: .*?(?: in (\d+(?:\.\d+)?) s|[;,] (\d+(?:\.\d+)?) s in all)\s*$")
+# A stage's closing line: "... in 1.7 s" or "...; 45.3 s in all" (training). Under Airflow the
+# task log holds the message alone (RTB_LOG_FORMAT=airflow: the operator turns the level word
+# into the line's level); run by hand, the line starts with time, level and logger.
+STAGE_SECONDS = re.compile(r"(?: in (\d+(?:\.\d+)?) s|[;,] (\d+(?:\.\d+)?) s in all)\s*$")
 
 
 def _free_port() -> int:
@@ -80,11 +87,56 @@ def _stage_seconds(api: object, dag_id: str, run_id: str) -> dict[str, float]:
     return out
 
 
+def executor_up_args(spec: str) -> tuple[str, ...]:
+    """`sh run.sh up` arguments for an executor named `local` or `celery:N` (N workers)."""
+    kind, _, workers = spec.partition(":")
+    if kind == "local" and not workers:
+        return ("up",)
+    if kind == "celery" and workers.isdigit() and int(workers) >= 1:
+        return ("up", "--workers", workers)
+    raise argparse.ArgumentTypeError(f"executor {spec!r}: expected local or celery:N (N >= 1)")
+
+
+def executor_list(text: str) -> list[str]:
+    specs = [spec.strip() for spec in text.split(",") if spec.strip()]
+    for spec in specs:
+        executor_up_args(spec)
+    if not specs:
+        raise argparse.ArgumentTypeError("--executors names no executor")
+    return specs
+
+
+def _backfill(api: object, *, first_hour: datetime, hours: int, max_active_runs: int) -> dict[str, float]:
+    """One backfill of `hours` predict runs from a quiet stack: wall time, runs, load."""
+    # Unpausing lets the schedule add its latest interval (no partition: skipped after the
+    # sensor's wait); let that and any other run end first, so the backfill runs alone.
+    api.wait_for_dag("predict_pipeline")  # type: ignore[attr-defined]
+    api.request("PATCH", "/api/v2/dags/predict_pipeline", {"is_paused": False})  # type: ignore[attr-defined]
+    for dag_id in ("train_pipeline", "predict_pipeline"):
+        api.wait_until_idle(dag_id, 1800)  # type: ignore[attr-defined]
+    loads = []
+    started = time.monotonic()
+    api.backfill("predict_pipeline", first_hour.isoformat(),  # type: ignore[attr-defined]
+                 (first_hour + timedelta(hours=hours - 1)).isoformat(), max_active_runs)
+    while True:
+        loads.append(os.getloadavg()[0])
+        runs = [r for r in api.runs("predict_pipeline")  # type: ignore[attr-defined]
+                if r["run_type"] == "backfill"]
+        if len(runs) == hours and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        time.sleep(5)
+    wall = time.monotonic() - started
+    return {"wall": wall, "ok": sum(r["state"] == "success" for r in runs),
+            "load_mean": sum(loads) / len(loads), "load_max": max(loads)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows-per-hour", type=int, default=150_000)
     parser.add_argument("--hours", type=int, default=24)
     parser.add_argument("--max-active-runs", type=int, default=4)
+    parser.add_argument("--executors", type=executor_list, default=["local"],
+                        help="backfill once per executor: local, celery:N (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="leave the stack up")
     args = parser.parse_args(argv)
 
@@ -103,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                        stdout=subprocess.DEVNULL)
 
     started = time.monotonic()
-    run_sh()
-    print(f"stack up in {time.monotonic() - started:.0f} s ({root})", flush=True)
+    run_sh(*executor_up_args(args.executors[0]))
+    print(f"stack up ({args.executors[0]}) in {time.monotonic() - started:.0f} s ({root})", flush=True)
     api = rest_client.AirflowClient(f"http://127.0.0.1:{port}", "airflow", "airflow")
     try:
         raw = root / "data" / "raw"
@@ -140,19 +192,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{total:.1f} s; stage containers' own seconds {ours:.1f} ({stages}); "
               f"Airflow, sensor and container start-up {total - ours:.1f} s", flush=True)
 
-        started = time.monotonic()
-        api.backfill("predict_pipeline", first_hour.isoformat(),
-                     (first_hour + timedelta(hours=args.hours - 1)).isoformat(), args.max_active_runs)
-        while True:
-            runs = [r for r in api.runs("predict_pipeline") if r["run_type"] == "backfill"]
-            if len(runs) == args.hours and all(r["state"] in ("success", "failed") for r in runs):
-                break
-            time.sleep(5)
-        wall = time.monotonic() - started
-        ok = sum(r["state"] == "success" for r in runs)
-        print(f"backfill of {args.hours} hours: {ok} succeeded in {wall:.0f} s, "
-              f"{args.hours / wall * 60:.1f} runs per minute "
-              f"(max_active_runs {args.max_active_runs}, load average {os.getloadavg()[0]:.1f})")
+        for number, executor in enumerate(args.executors):
+            if number:
+                started = time.monotonic()
+                run_sh("down", "-v", timeout=600)
+                run_sh(*executor_up_args(executor))
+                print(f"stack down and up again ({executor}) in {time.monotonic() - started:.0f} s",
+                      flush=True)
+            figures = _backfill(api, first_hour=first_hour, hours=args.hours,
+                                max_active_runs=args.max_active_runs)
+            print(f"backfill of {args.hours} hours, {executor}: {figures['ok']} succeeded in "
+                  f"{figures['wall']:.0f} s, {args.hours / figures['wall'] * 60:.1f} runs per minute "
+                  f"(max_active_runs {args.max_active_runs}, load average during it "
+                  f"{figures['load_mean']:.1f} mean, {figures['load_max']:.1f} max)", flush=True)
     finally:
         if not args.keep:
             subprocess.run(["sh", "run.sh", "down", "-v"], cwd=root, env=env, timeout=600,

@@ -1,8 +1,9 @@
 """The `rtb` command: one subcommand per pipeline stage, each a thin wrapper doing I/O.
 
 Airflow tasks call exactly these commands inside the job image. Every failure the user can fix
-is an `RtbError`; it is printed as one line on stderr and the process exits 1. Heavy imports
-happen inside the commands so that `rtb --help` stays instant.
+is an `RtbError`; it is printed as one line on stderr, with paths relative to the project folder
+and no traceback, and the process exits 1. Heavy imports happen inside the commands so that
+`rtb --help` stays instant.
 """
 
 from __future__ import annotations
@@ -464,29 +465,67 @@ def serve(
     )
 
 
+# What the log lines of a stage look like ($RTB_LOG_FORMAT). In a terminal or a file each line
+# says when and where it was written. Under Airflow (the DAGs set "airflow") the task log adds
+# the time itself and shows a level per line: `rtb` writes `<LEVEL> <message>`, and the DAGs'
+# operator turns the word in front into the line's level, so the message is the first thing
+# read. The `rtb: error:` line is the same in both.
+LOG_FORMAT_ENV = "RTB_LOG_FORMAT"
+LOG_FORMATS = {
+    "plain": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    "airflow": "%(levelname)s %(message)s",
+}
+
+
 def configure_logging() -> None:
-    """One format for every stage, so Airflow task logs read the same everywhere."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """One format for every stage, so that task logs read the same everywhere."""
+    name = os.environ.get(LOG_FORMAT_ENV, "").strip() or "plain"
+    if name not in LOG_FORMATS:
+        expected = " or ".join(repr(known) for known in LOG_FORMATS)
+        raise RtbError(f"${LOG_FORMAT_ENV}: expected {expected}, got {name!r}")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMATS[name], stream=sys.stderr)
+
+
+def _project_root(argv: list[str]) -> Path:
+    """The project folder a command line works on, resolved as its command resolves it.
+
+    Read from the arguments because the failed command's parsed options are gone by the time
+    its error reaches `main`."""
+    for index, arg in enumerate(argv):
+        if arg == "--project-dir" and index + 1 < len(argv):
+            return _paths(Path(argv[index + 1])).root
+        if arg.startswith("--project-dir="):
+            return _paths(Path(arg.partition("=")[2])).root
+    return _paths(None).root
+
+
+def relative_to_project(message: str, root: Path) -> str:
+    """`message` with every path under `root` named relative to it.
+
+    Stages name the files they read by absolute path, and inside a job container that is
+    /project/data/raw/...: a folder the user does not have. The user knows the file as
+    data/raw/... in their project folder, as the README names it."""
+    return message.replace(f"{root}{os.sep}", "")
 
 
 def main() -> None:
-    """Entry point: run the command; an RtbError becomes one line on stderr and exit 1."""
+    """Entry point: run the command; an RtbError becomes one line on stderr and exit 1.
+
+    The line is all the user needs (which file, which column, what was expected), so it comes
+    without a traceback; any other exception is a bug and keeps its traceback."""
     # OpenMP threads that spin while waiting make LightGBM several times slower when another process
     # shares the two cores (an Airflow scheduler, a second task); passive waiting costs ~nothing.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Our BLAS calls are many small ones (L-BFGS on a few hundred coefficients); with threads
     # they are much slower on a shared 2-core machine. Set before numpy is imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    configure_logging()
     started = time.perf_counter()
     try:
+        configure_logging()
         app(standalone_mode=False)
     except RtbError as exc:
-        print(f"rtb: error: {exc}", file=sys.stderr)
+        message = relative_to_project(str(exc), _project_root(sys.argv[1:]))
+        print(f"rtb: error: {message}", file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

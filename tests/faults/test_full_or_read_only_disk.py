@@ -141,8 +141,10 @@ def test_read_only_output_folder(trained, mounter, run_cli, args, folder) -> Non
     result = run_cli(*args, "--project-dir", str(paths.root))
 
     after = final_files(paths.root)
-    # The line names the folder that cannot be written (not the file it would have held).
-    _assert_failed_cleanly(result, str(target), READ_ONLY, before, after, target)
+    # The line names the folder that cannot be written (not the file it would have held),
+    # relative to the project folder.
+    _assert_failed_cleanly(result, f"rtb: error: {target.relative_to(paths.root)}: ", READ_ONLY,
+                           before, after, target)
     assert set(after) == set(before)
 
 

@@ -1,7 +1,8 @@
 """The stack scaled out: `sh run.sh up --workers 2` runs the CeleryExecutor with a Redis broker
 and two Celery workers. The DAGs are the same; every worker starts its task containers on the
 host's engine, so a run's tasks may land on either worker and the files still end up in the
-(copied) project's data/, models/ and reports/.
+(copied) project's data/, models/ and reports/. Faults: the broker restarted mid-run, and a
+worker killed mid-task.
 
 Its own stack (project `rtb-celery-*`, image tags `:e2e-celery`), torn down at the end.
 """
@@ -148,26 +149,89 @@ def test_tasks_spread_over_both_workers_and_predictions_are_written(
     assert predictions[-1].with_suffix(".csv").is_file()
 
 
+def _predictions(stack: Stack) -> set[str]:
+    return {p.name for p in (stack.root / "data/predictions").glob("predictions_*.npy")}
+
+
+def test_a_redis_restart_mid_run_loses_nothing(celery_api, celery_stack, celery_runs) -> None:
+    """`docker restart` of the broker while a predict_pipeline run is in flight (a task
+    running, the rest still to be sent): the scheduler and the workers reconnect, messages
+    queued before the restart are still there (Redis saves its data on shutdown; Celery acks a
+    task only when it has ended), and the run completes with a whole prediction set."""
+    api = celery_api
+    (redis,) = _containers(celery_stack, "redis").values()
+    before = _predictions(celery_stack)
+    run_id = api.trigger("predict_pipeline")
+    deadline = time.monotonic() + 300
+    while not any(ti["state"] == "running" for ti in api.task_instances("predict_pipeline", run_id).values()):
+        assert time.monotonic() < deadline, "no task of the run started"
+        assert api.run_state("predict_pipeline", run_id) in ("queued", "running")
+        time.sleep(0.5)
+    states = {t: ti["state"] for t, ti in api.task_instances("predict_pipeline", run_id).items()}
+    started = time.monotonic()
+    subprocess.run(["docker", "restart", redis["Id"]], check=True, capture_output=True, timeout=120)
+    restarted = time.monotonic() - started
+    state = api.wait_for_run("predict_pipeline", run_id)
+    seconds = time.monotonic() - started
+    tis = api.task_instances("predict_pipeline", run_id)
+    tries = {t: ti["try_number"] for t, ti in tis.items()}
+    print(f"\nrestarted redis ({restarted:.1f} s) with the run's tasks at {states}; run {state} "
+          f"{seconds:.0f} s later; tries {tries}")
+    assert state == "success", {t: ti["state"] for t, ti in tis.items()}
+    assert {ti["state"] for ti in tis.values()} <= {"success", "skipped"}
+    (after,) = _containers(celery_stack, "redis").values()
+    assert after["State"]["StartedAt"] != redis["State"]["StartedAt"], "redis was not restarted"
+    # Outputs intact: this run's prediction set, whole.
+    new = sorted(_predictions(celery_stack) - before)
+    assert len(new) == 1, new
+    proba = np.load(celery_stack.root / "data/predictions" / new[0])
+    test_df = pd.read_csv(celery_stack.root / "data/processed/test_df.csv")
+    assert len(proba) == len(test_df) > 0 and np.isfinite(proba).all()
+    # Both workers answer a ping through the restarted broker (their health check's command).
+    for host, worker in _containers(celery_stack, "airflow-worker").items():
+        ping = subprocess.run(
+            ["docker", "exec", worker["Id"], "celery", "--app",
+             "airflow.providers.celery.executors.celery_executor.app",
+             "inspect", "ping", "-d", f"celery@{host}"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert ping.returncode == 0, (worker["Name"], ping.stdout, ping.stderr)
+
+
+def _job_containers(key: str) -> list[dict]:
+    """The job containers of one task instance (every try), by their targets.py label."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=rtb-pipeline.task-instance={key}"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if not ids:
+        return []
+    return json.loads(subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
 # Last in this file: it leaves the stack with one worker.
 def test_a_killed_workers_task_is_retried_on_the_other_worker(
     celery_api, celery_stack, celery_runs
 ) -> None:
-    """`docker kill` of the worker running a train_pipeline task: its heartbeats stop, the
-    scheduler fails the try after AIRFLOW_TASK_HEARTBEAT_TIMEOUT (30 s here) and the retry runs
-    on the worker that is left; the run succeeds and every task ends in one successful try."""
+    """`docker kill` of the worker running a train_pipeline task while its job container runs:
+    its heartbeats stop, the scheduler fails the try after AIRFLOW_TASK_HEARTBEAT_TIMEOUT (30 s
+    here) and the retry runs on the worker that is left; the run succeeds, every task ends in
+    one successful try, and the dead try's container is not left running beside the retry."""
     api = celery_api
     workers = _containers(celery_stack, "airflow-worker")
     assert len(workers) == WORKERS
     run_id = api.trigger("train_pipeline")
     deadline = time.monotonic() + 300
-    victim = task = None
+    victim = task = key = None
     while victim is None:
+        # A task whose job container runs, found by the labels targets.py puts on it.
         for ti in api.task_instances("train_pipeline", run_id).values():
             if ti["state"] == "running" and ti.get("hostname") in workers:
-                victim, task = ti["hostname"], ti["task_id"]
-                break
+                key = f"train_pipeline.{ti['task_id']}.{run_id}.{ti.get('map_index', -1)}"
+                if any(c["State"]["Running"] for c in _job_containers(key)):
+                    victim, task = ti["hostname"], ti["task_id"]
+                    break
         else:
-            assert time.monotonic() < deadline, "no task of the run started on a worker"
+            assert time.monotonic() < deadline, "no job container of the run started on a worker"
             assert api.run_state("train_pipeline", run_id) in ("queued", "running")
             time.sleep(0.5)
     started = time.monotonic()
@@ -186,7 +250,14 @@ def test_a_killed_workers_task_is_retried_on_the_other_worker(
     assert {ti["state"] for ti in tis.values()} <= {"success", "skipped"}
     champion = yaml.safe_load((celery_stack.root / "models/champion.yaml").read_text())
     assert (celery_stack.root / "models" / champion["model"]).is_file(), champion
-    # The killed worker's job container is not stopped (DockerOperator could not clean up):
-    # it may still finish and write a model of its own next to the retry's.
+    # The killed worker's job container carries its task instance and try (targets.py): the
+    # retry stops it if it still runs then; either way none is left running beside the retry.
+    # The dead try's operator could not remove it, so it stays (exited) for `docker logs`.
+    containers = _job_containers(key)
+    found = {(c["Config"]["Labels"]["rtb-pipeline.try"], c["State"]["Status"], c["State"]["ExitCode"])
+             for c in containers}
     models = sorted(p.name for p in (celery_stack.root / "models").glob("pipeline_*.pkl"))
-    print(f"models after the fault: {models}; champion {champion['model']}")
+    print(f"job containers of {task} (try, state, exit code): {sorted(found)}; models after the "
+          f"fault: {models}; champion {champion['model']}")
+    assert any(try_ == "1" for try_, _, _ in found), found
+    assert all(status != "running" for _, status, _ in found), found

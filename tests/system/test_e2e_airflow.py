@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -23,9 +24,12 @@ from .conftest import RUN_TIMEOUT
 
 pytestmark = pytest.mark.system
 
-# A line of rtb's own log format, `%(asctime)s %(levelname)s %(name)s: %(message)s`, that
-# reports rows: printed by the container, streamed into the task log.
-RTB_ROWS_LINE = re.compile(r"\d{2}:\d{2}:\d{2},\d{3} INFO rtb[\w.]*: .*\brows\b")
+# A stage's line that reports rows, as the task log shows it: the message first (the container
+# writes `INFO <message>` under Airflow; the record's level is the word, its time Airflow's).
+RTB_ROWS_LINE = re.compile(r"^(?!\d)\S.*\brows\b")
+# rtb's format outside Airflow (`%(asctime)s %(levelname)s %(name)s: %(message)s`): a second
+# timestamp that must not reach the task log.
+RTB_PLAIN_LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
 def _sha256(path: Path) -> str:
@@ -34,6 +38,24 @@ def _sha256(path: Path) -> str:
 
 def _metric_names(section: dict) -> set[str]:
     return {name for name, value in section.items() if isinstance(value, (int, float, dict))}
+
+
+def _log_records(api, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int) -> list[dict]:
+    """A task's log as the REST API v2 serves it: one record per line, with its `event` (the
+    message) and `level`, and an `error_detail` for a logged exception (the traceback)."""
+    answer = api.request(
+        "GET", f"/api/v2/dags/{dag_id}/dagRuns/{api.quote(run_id)}/taskInstances/{task_id}/logs/"
+        f"{try_number}?map_index={map_index}")
+    return [item for item in answer["content"] if isinstance(item, dict)]
+
+
+def _kept_containers(stack, task_id: str) -> list[tuple[str, str]]:
+    """(id, status) of the stack's job containers of `task_id` that `docker ps -a` lists."""
+    listed = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label=rtb-pipeline.stack={stack.env['COMPOSE_PROJECT_NAME']}",
+         "--filter", f"label=rtb-pipeline.task={task_id}", "--format", "{{.ID}}\t{{.Status}}"],
+        capture_output=True, text=True, check=True, timeout=60, env=stack.env)
+    return [tuple(line.split("\t", 1)) for line in listed.stdout.splitlines()]
 
 
 def test_predict_before_any_training_stops_at_check_model(api, untrained_predict_run) -> None:
@@ -67,9 +89,12 @@ def test_train_pipeline_writes_features_model_and_report(stack, trained_run) -> 
 
 
 def test_task_log_shows_the_containers_own_output(api, trained_run) -> None:
-    log = api.task_log(trained_run.dag_id, trained_run.run_id, "make_dataset", 1)
-    assert "Starting docker container from image" in log
-    assert RTB_ROWS_LINE.search(log), log[-2000:]
+    records = _log_records(api, trained_run.dag_id, trained_run.run_id, "make_dataset", 1, map_index=0)
+    events = [str(record.get("event", "")) for record in records]
+    assert any(event.startswith("Starting docker container from image") for event in events)
+    rows = [r for r in records if r.get("level") == "info" and RTB_ROWS_LINE.search(str(r.get("event")))]
+    assert rows, events[-30:]
+    assert not any(RTB_PLAIN_LINE.search(event) for event in events), events[-30:]
 
 
 def test_task_runs_as_the_invoking_user(stack, trained_run) -> None:
@@ -170,6 +195,23 @@ def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, s
     assert tis["preprocessing"]["state"] == "upstream_failed"
     assert tis["training"]["state"] == "upstream_failed"
     assert "rtb: error:" in log, log[-2000:]
+
+    # The task log: the error line as an ERROR record that names the user's path, no second
+    # timestamp, and no traceback after it (neither the container's nor the operator's).
+    records = _log_records(api, "train_pipeline", run_id, "make_dataset", 1, map_index=0)
+    errors = [r for r in records if str(r.get("event", "")).startswith("rtb: error:")]
+    assert len(errors) == 1 and errors[0].get("level") == "error", errors
+    assert errors[0]["event"].startswith("rtb: error: data/raw/training_data.csv.gz: "), errors
+    assert not any("error_detail" in r or "Traceback" in str(r.get("event")) for r in records), records[-10:]
+    assert not any(RTB_PLAIN_LINE.search(str(r.get("event", ""))) for r in records), records[-10:]
+    # The failed task's container is kept for `docker logs`; those of tasks that succeeded
+    # (plan, in this run and before; training, in the run before) are not.
+    kept = _kept_containers(stack, "make_dataset")
+    assert len(kept) == 1 and kept[0][1].startswith("Exited (1)"), kept
+    logs = subprocess.run(["docker", "logs", kept[0][0]], capture_output=True, text=True, timeout=60,
+                          env=stack.env)
+    assert errors[0]["event"] in logs.stderr, logs.stderr[-2000:]
+    assert _kept_containers(stack, "plan") == [] and _kept_containers(stack, "training") == []
 
     after_models = {
         *(root / "models").glob("pipeline_*.pkl"),

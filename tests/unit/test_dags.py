@@ -156,14 +156,29 @@ def test_every_stage_is_a_sibling_container_of_the_job_image(dagbag, dag_id: str
         get = lambda name, task=task: _setting(task, name)  # noqa: E731
         assert get("image") == HOST_ENV["RTB_JOB_IMAGE"]
         assert get("mount_tmp_dir") is False
-        assert get("auto_remove") == "success"
+        # Kept when the task fails (for `docker logs`); RtbJobOperator removes it on success.
+        assert get("auto_remove") == "never"
         assert get("network_mode") == "none"
         assert get("docker_url") == "unix://var/run/docker.sock"
         assert get("user") == "1234:5678"
-        assert get("environment") == {"RTB_PROJECT_DIR": "/project", "RTB_TRAIN_WINDOW_DAYS": "5"}
+        assert get("environment") == {"RTB_PROJECT_DIR": "/project", "RTB_LOG_FORMAT": "airflow",
+                                      "RTB_TRAIN_WINDOW_DAYS": "5"}
         # Only the plan and the monitor answer through XCom (their JSON line).
         assert get("do_xcom_push") is (task.task_id in ("plan", "monitor")), task.task_id
         assert get("labels") == {"rtb-pipeline.stack": "rtb-test", "rtb-pipeline.task": task.task_id}
+
+
+@pytest.mark.parametrize("dag_id", sorted(EXPECTED))
+def test_an_rtb_error_is_not_retried_by_any_stage(dagbag, common, dag_id: str) -> None:
+    """Every stage's operator as the worker runs it (a mapped stage's instance made by
+    `unmap`, as on the worker) fails an `rtb: error:` at once and retries anything else."""
+    from airflow.sdk import RetryAction
+
+    for task in _docker_tasks(dagbag.dags[dag_id]):
+        operator = task.unmap({"command": ["check-model"]}) if hasattr(task, "unmap") else task
+        policy = operator.retry_policy
+        assert policy.evaluate(common.RtbUserError(1), 1, 3).action is RetryAction.FAIL, task.task_id
+        assert policy.evaluate(RuntimeError("engine busy"), 1, 3).action is RetryAction.DEFAULT
 
 
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))

@@ -16,6 +16,8 @@ Settings come from the environment that docker-compose.yaml gives every Airflow 
 - RTB_TASK_RETRIES: retries for failures that may be transient (default 2).
 - RTB_STACK: the compose project name, put on task containers as a label so that
   `sh run.sh down` can remove the containers that failed tasks leave behind.
+- RTB_TASK_TARGET, RTB_DOCKER_URL, RTB_DOCKER_TLS_*, RTB_K8S_*: where the job containers run
+  (this host's engine by default; a remote engine; or pods on Kubernetes): see targets.py.
 - RTB_PARTITION_WAIT_SECONDS / RTB_PARTITION_POKE_SECONDS: how long a run waits for its raw
   partition's `_SUCCESS` marker (default an hour) and how often it looks (default 30 s).
 - RTB_TRAIN_WINDOW_DAYS, RTB_RETENTION_DAYS, RTB_DRIFT_*: passed on to the job containers,
@@ -38,16 +40,16 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.filesystem import FileSensor
-from airflow.sdk import Asset, get_current_context, task
+from airflow.sdk import Asset, ExceptionRetryPolicy, RetryAction, RetryRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from docker.types import Mount
+from pipeline.targets import docker_engine, stage_operator, stage_partial
 
 JOB_IMAGE = os.environ.get("RTB_JOB_IMAGE", "rtb-pipeline-job:latest")
 HOST_PROJECT_DIR = os.environ.get("RTB_HOST_PROJECT_DIR", "/opt/rtb-pipeline")
 HOST_USER = f"{os.environ.get('RTB_HOST_UID', '1000')}:{os.environ.get('RTB_HOST_GID', '1000')}"
 STACK = os.environ.get("RTB_STACK", "rtb-pipeline")
 CONTAINER_PROJECT_DIR = "/project"
-DOCKER_URL = "unix://var/run/docker.sock"
 RAW_CONNECTION = "rtb_raw"  # an fs connection whose path is data/raw as Airflow's services see it
 PARTITION_WAIT_SECONDS = int(os.environ.get("RTB_PARTITION_WAIT_SECONDS", "3600"))
 PARTITION_POKE_SECONDS = int(os.environ.get("RTB_PARTITION_POKE_SECONDS", "30"))
@@ -79,23 +81,100 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 
-class RtbJobOperator(DockerOperator):
-    """A DockerOperator that fails at once, without retries, on an `rtb: error:` line.
+class RtbUserError(SystemExit):
+    """The container ended with an `rtb: error:` line (bad input, no model): a failure a retry
+    cannot fix, whose one line already says which file, which column, what was expected.
 
-    Retries are for what may pass (the engine was busy, the container was killed for memory).
-    A corrupt input file or a missing model fails the same way on every try, and retrying it
-    would only delay the red task by retries x retry_delay.
+    A SystemExit because of how the task runner logs failures: any other exception is logged
+    with its traceback (the frames of this operator and the docker provider, below the line the
+    user needs); a SystemExit gets one line, `Task exited`.
     """
+
+
+# Retries are for what may pass (the engine was busy, the container was killed for memory). A
+# corrupt input file or a missing model fails the same way on every try, and retrying it would
+# only delay the red task by retries x retry_delay.
+RTB_ERRORS_ARE_FINAL = ExceptionRetryPolicy(rules=[RetryRule(
+    exception=RtbUserError, action=RetryAction.FAIL,
+    reason="the container printed an `rtb: error:` line; every retry would fail the same way",
+)])
+
+# The level words `rtb` puts in front of its log lines under Airflow (RTB_LOG_FORMAT=airflow),
+# and the first line of a Python traceback (a bug), which has none.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PYTHON_TRACEBACK = "Traceback (most recent call last):"
+
+
+def container_line(line: str, previous_level: str) -> tuple[str, str]:
+    """The level and the message of one line a job container wrote.
+
+    `rtb` writes `<LEVEL> <message>`; the `rtb: error:` line and a traceback's first line are
+    ERROR; any other line (a traceback's frames, a message's second line, the JSON answer on
+    stdout) goes on at the level of the line before it, INFO at first.
+    """
+    word, _, message = line.partition(" ")
+    if word in LOG_LEVELS:
+        return word, message
+    if line.startswith((RTB_ERROR_PREFIX, PYTHON_TRACEBACK)):
+        return "ERROR", line
+    return previous_level, line
+
+
+class ContainerLog:
+    """The task logger as the docker provider's log loop sees it: each line the container
+    wrote becomes a record at that line's own level, its message first (the task log adds the
+    time)."""
+
+    def __init__(self, task_log: Any) -> None:
+        self.task_log = task_log
+        self.level = "INFO"
+
+    def info(self, message: str, *args: Any) -> None:
+        self.level, text = container_line(message % args if args else message, self.level)
+        getattr(self.task_log, self.level.lower())("%s", text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task_log, name)
+
+
+class RtbJobOperator(DockerOperator):
+    """A DockerOperator for `rtb` commands: the container's lines at their own levels, no
+    retries and no traceback after an `rtb: error:` line, and the container of a failed task
+    kept for `docker logs` / `docker inspect`.
+    """
+
+    def __init__(self, *, retry_policy: Any = None, **kwargs: Any) -> None:
+        # None also when a mapped task's instance is made: `.partial()` passes its default on.
+        super().__init__(retry_policy=retry_policy or RTB_ERRORS_ARE_FINAL, **kwargs)
 
     def execute(self, context: Any) -> Any:
         try:
-            return super().execute(context)
+            result = super().execute(context)
         except DockerContainerFailedException as exc:
-            for line in exc.logs or []:
-                text = line.decode(errors="replace") if isinstance(line, bytes) else line
-                if text.startswith(RTB_ERROR_PREFIX):
-                    raise AirflowFailException(f"{self.task_id} failed; not retrying: {text}") from exc
+            if any(line.startswith(RTB_ERROR_PREFIX) for line in exc.logs or []):
+                raise RtbUserError(1) from exc
             raise
+        # Provider 4.6.1's auto_remove="success" removes the container whatever the outcome
+        # (a plain remove of a container that has exited), so job_settings says "never" and
+        # the container of a task that succeeded is removed here; a failed one stays.
+        self.cli.remove_container(self.container["Id"])
+        return result
+
+    # The provider streams the container's output with `fetch_logs(log_stream, self.log)`,
+    # every line at INFO, and has no parameter to change that. Within _run_image_with_mounts
+    # that is the only use of `self.log`, so while it runs `self.log` is a ContainerLog.
+    _container_log: ContainerLog | None = None
+
+    @property
+    def log(self) -> Any:
+        return self._container_log if self._container_log is not None else super().log
+
+    def _run_image_with_mounts(self, target_mounts: Any, add_tmp_variable: bool) -> Any:
+        self._container_log = ContainerLog(super().log)
+        try:
+            return super()._run_image_with_mounts(target_mounts, add_tmp_variable)
+        finally:
+            self._container_log = None
 
 
 def project_mounts(*, models_read_only: bool = False) -> list[Mount]:
@@ -124,21 +203,23 @@ def job_settings(task_id: str, *, models_read_only: bool = False, xcom: bool = F
     """What every job container of the pipeline shares: image, host mounts, user, isolation.
 
     The container's stdout and stderr are streamed into the task log line by line, so the
-    stage's own log (rows read, seconds, metrics) reads in the Airflow UI. Containers are
-    removed when they succeed and kept when they fail, for `docker logs` / `docker inspect`
-    (until `sh run.sh down`).
+    stage's own log (rows read, seconds, metrics) reads in the Airflow UI: RTB_LOG_FORMAT=airflow
+    makes `rtb` write each line as `<LEVEL> <message>`, and RtbJobOperator logs it at that level
+    (Airflow adds the time). Containers are removed when they succeed and kept when they fail,
+    for `docker logs` / `docker inspect` (until `sh run.sh down`).
     """
-    environment = {"RTB_PROJECT_DIR": CONTAINER_PROJECT_DIR}
+    environment = {"RTB_PROJECT_DIR": CONTAINER_PROJECT_DIR, "RTB_LOG_FORMAT": "airflow"}
     environment |= {name: os.environ[name] for name in JOB_SETTINGS if os.environ.get(name)}
     return {
         "image": JOB_IMAGE,
         "environment": environment,
         "mounts": project_mounts(models_read_only=models_read_only),
         "user": HOST_USER,
-        "docker_url": DOCKER_URL,
+        # The host's engine through the mounted socket, or RTB_DOCKER_URL (+ TLS): targets.py.
+        **docker_engine(),
         "network_mode": "none",
         "mount_tmp_dir": False,
-        "auto_remove": "success",
+        "auto_remove": "never",  # RtbJobOperator removes the container of a task that succeeded
         "labels": {"rtb-pipeline.stack": STACK, "rtb-pipeline.task": task_id},
         # A stage's output is files; only `rtb plan` and `rtb monitor` answer through XCom
         # (their JSON line: every line is pushed and the reader takes the last JSON one).
@@ -160,8 +241,8 @@ def rtb_task(
 def rtb_command_task(task_id: str, command: Any, *, models_read_only: bool = False,
                      xcom: bool = False, **extra: Any) -> RtbJobOperator:
     """A stage whose whole command may come from an upstream task (the plan's commands)."""
-    return RtbJobOperator(task_id=task_id, command=command,
-                          **job_settings(task_id, models_read_only=models_read_only, xcom=xcom),
+    return stage_operator(RtbJobOperator, task_id=task_id, command=command,
+                          settings=job_settings(task_id, models_read_only=models_read_only, xcom=xcom),
                           **extra)
 
 
@@ -177,7 +258,8 @@ def trigger_training(task_id: str, *, reason_from: str) -> TriggerDagRunOperator
 
 def rtb_mapped(task_id: str, *, models_read_only: bool = False) -> Any:
     """A stage run once per unit of a plan: `.expand(command=...)` with the plan's commands."""
-    return RtbJobOperator.partial(task_id=task_id, **job_settings(task_id, models_read_only=models_read_only))
+    return stage_partial(RtbJobOperator, task_id=task_id,
+                         settings=job_settings(task_id, models_read_only=models_read_only))
 
 
 class PartitionSensor(FileSensor):
