@@ -20,22 +20,34 @@
 # Host needs: a POSIX sh and Docker with the compose plugin. Nothing else: the REST calls of
 # `train`/`predict` run with the python inside the api-server container (`docker compose exec`).
 #
-# Settings. `.env` (committed) holds non-secret defaults: compose project name, image tags,
-# ports. This script writes `.env.local` (not committed; mode 600) with this install's values:
-# the host project dir, your uid/gid, the docker socket and its gid, a JWT secret that is
-# generated once and kept across runs, and the executor `up` chose (AIRFLOW_EXECUTOR,
-# AIRFLOW_WORKERS). It also creates airflow/simple_auth_manager_passwords.json
+# Settings. `.env` (committed) holds non-secret defaults: ports, users, task settings. This
+# script writes `.env.local` (not committed; mode 600) with this install's values: its compose
+# project name and image tags, the host project dir, your uid/gid, the docker socket and its
+# gid, a JWT secret that is generated once and kept across runs, and the executor `up` chose
+# (AIRFLOW_EXECUTOR, AIRFLOW_WORKERS). It also creates airflow/simple_auth_manager_passwords.json
 # ({"airflow": "airflow"}) if missing. compose is always called as
 #   docker compose --env-file .env --env-file .env.local ...
 # so use `sh run.sh compose ...` (or those flags) rather than a bare `docker compose`.
 # A variable set in the shell wins over both files, e.g. `AIRFLOW_PORT=8081 sh run.sh`.
 #
+# Each install is its own stack. The compose project name is derived from this folder (its
+# name and a hash of its path: two clones both called rtb-pipeline still differ), and so are
+# the image tags (<project>-airflow:latest, <project>-job:latest); all three are written to
+# .env.local and kept there for as long as the folder stays where it is. Nothing is shared
+# between two clones: not the Airflow database, the logs volume, the images or the task
+# containers. To run two side by side, give the second one other ports once; they are kept
+# in its .env.local as well:
+#   AIRFLOW_PORT=8081 SCORING_PORT=8001 sh run.sh
+# COMPOSE_PROJECT_NAME, AIRFLOW_IMAGE and RTB_JOB_IMAGE set in the shell are kept the same way.
+#
 # Also read from the environment: RTB_SAMPLE, what an empty data/raw/ is seeded with: `stream`
 # (the default: hourly and daily partitions of the last RTB_SAMPLE_DAYS=14 days, with
 # RTB_SAMPLE_ROWS_PER_DAY=20000 requests a day) or `files` (the two single files, with
 # RTB_SAMPLE_ROWS=200000 training rows and RTB_SAMPLE_TEST_ROWS, default a quarter of that);
-# BASE_IMAGE (base of both images, default python:3.11-slim-bookworm); RTB_RUN_TIMEOUT
-# (seconds `train`/`predict` follow a run, default 7200).
+# BASE_IMAGE (base of both images, default python:3.11-slim-bookworm); RTB_GIT_SHA (the
+# commit the job image records for training reports, default `git rev-parse HEAD` of this
+# folder's checkout, empty without one); RTB_RUN_TIMEOUT (seconds `train`/`predict` follow a
+# run, default 7200).
 set -eu
 
 cd "$(dirname "$0")"
@@ -69,6 +81,32 @@ setting() {
     printf '%s' "${_value:-$2}"
 }
 
+# recorded NAME: NAME as .env.local holds it, if .env.local was written for this folder (a copy
+# of the folder, .env.local included, is another install and starts afresh).
+recorded() {
+    [ -f .env.local ] || return 0
+    [ "$(sed -n "s/^RTB_HOST_PROJECT_DIR=//p" .env.local | tail -n 1)" = "'$ROOT'" ] || return 0
+    sed -n "s/^$1=//p" .env.local | tail -n 1
+}
+
+# This install's compose project name: the shell's, else the recorded one, else derived from
+# the folder: its name (as compose itself would use, made a valid name) and a hash of its path.
+# An install set up before names were per-install (.env.local without a name) keeps the name
+# it has been running under, so that its database and running containers are not orphaned.
+project_name() {
+    _name=${COMPOSE_PROJECT_NAME:-$(recorded COMPOSE_PROJECT_NAME)}
+    if [ -z "$_name" ] && [ -n "$(recorded RTB_HOST_PROJECT_DIR)" ]; then
+        _name=rtb-pipeline
+    fi
+    if [ -z "$_name" ]; then
+        _base=$(printf '%s' "${ROOT##*/}" | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9-' '-' \
+            | tr -s '-' | sed 's/^-*//')
+        _hash=$(printf '%s' "$ROOT" | cksum | cut -d ' ' -f 1)
+        _name=$(printf '%s-%08x' "${_base:-rtb}" "$_hash")
+    fi
+    printf '%s' "$_name"
+}
+
 docker_socket() {
     case ${DOCKER_HOST:-} in
         unix://*) printf '%s' "${DOCKER_HOST#unix://}" ;;
@@ -93,6 +131,11 @@ write_settings() {
     # The executor: what `up` chose (it sets both), else what the last `up` wrote.
     executor=$(setting AIRFLOW_EXECUTOR LocalExecutor)
     workers=$(setting AIRFLOW_WORKERS 0)
+    name=$(project_name)
+    airflow_image=${AIRFLOW_IMAGE:-$(recorded AIRFLOW_IMAGE)}
+    job_image=${RTB_JOB_IMAGE:-$(recorded RTB_JOB_IMAGE)}
+    airflow_port=${AIRFLOW_PORT:-$(recorded AIRFLOW_PORT)}
+    scoring_port=${SCORING_PORT:-$(recorded SCORING_PORT)}
     tmp=".tmp-env-local.$$"
     (
         umask 077
@@ -100,6 +143,12 @@ write_settings() {
             echo "# Written by run.sh: this install's settings and secrets. Not committed."
             echo "# Re-run \`sh run.sh\` to refresh; the JWT secret is kept."
             echo "RTB_HOST_PROJECT_DIR='$ROOT'"
+            echo "# This install's own stack: compose project, image tags (and ports, if chosen)."
+            echo "COMPOSE_PROJECT_NAME=$name"
+            echo "AIRFLOW_IMAGE=${airflow_image:-$name-airflow:latest}"
+            echo "RTB_JOB_IMAGE=${job_image:-$name-job:latest}"
+            [ -z "$airflow_port" ] || echo "AIRFLOW_PORT=$airflow_port"
+            [ -z "$scoring_port" ] || echo "SCORING_PORT=$scoring_port"
             echo "RTB_HOST_UID=$(id -u)"
             echo "RTB_HOST_GID=$(id -g)"
             echo "DOCKER_SOCKET='$socket'"
@@ -116,8 +165,19 @@ write_settings() {
     fi
 }
 
+# The commit this folder is checked out at, for the job image (RTB_GIT_SHA); empty when the
+# folder is not the top of a git checkout (a copy, an unpacked archive) or git is missing.
+git_sha() {
+    if command -v git > /dev/null 2>&1 \
+        && [ "$(git -C "$ROOT" rev-parse --show-toplevel 2> /dev/null)" = "$ROOT" ]; then
+        git -C "$ROOT" rev-parse HEAD 2> /dev/null || true
+    fi
+}
+
 build_images() {
     say "building the Airflow image and the job image (base ${BASE_IMAGE:-python:3.11-slim-bookworm})"
+    RTB_GIT_SHA=${RTB_GIT_SHA:-$(git_sha)}
+    export RTB_GIT_SHA
     compose --profile serving build airflow-init scoring
 }
 
@@ -125,7 +185,7 @@ ensure_sample() {
     for _file in data/raw/*.csv.gz data/raw/requests data/raw/labelled; do
         [ -e "$_file" ] && return 0
     done
-    image=$(setting RTB_JOB_IMAGE rtb-pipeline-job:latest)
+    image=$(setting RTB_JOB_IMAGE "")
     if [ "${RTB_SAMPLE:-stream}" = files ]; then
         rows=${RTB_SAMPLE_ROWS:-200000}
         test_rows=${RTB_SAMPLE_TEST_ROWS:-$((rows / 4))}
@@ -231,7 +291,7 @@ case $command in
         docker compose --env-file .env --env-file .env.local --profile serving --profile celery \
             down "$@"
         # Containers of failed tasks are kept for debugging until now (see common.py).
-        stack=$(setting COMPOSE_PROJECT_NAME rtb-pipeline)
+        stack=$(setting COMPOSE_PROJECT_NAME "")
         leftovers=$(docker ps -aq --filter "label=rtb-pipeline.stack=$stack")
         if [ -n "$leftovers" ]; then
             say "removing the containers of failed tasks"

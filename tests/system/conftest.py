@@ -72,6 +72,15 @@ def _copy_repo(dest: Path) -> None:
         shutil.copy2(src, target)
 
 
+def git_sha() -> str:
+    """The commit of this checkout ('' outside one). The copy has no .git, so the suite passes
+    it to run.sh (RTB_GIT_SHA), which bakes it into the job image for the reports' git_sha."""
+    if shutil.which("git") is None:
+        return ""
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def _load_rest_client() -> ModuleType:
     """airflow/rest_client.py, the client run.sh also uses. Loaded from its file: it is no
     package (run.sh feeds it to the api-server's python on stdin), and `airflow` is taken."""
@@ -149,6 +158,7 @@ def running_stack(
         "SCORING_PORT": str(_free_port()),
         "AIRFLOW_IMAGE": f"rtb-pipeline-airflow:{image_tag}",
         "RTB_JOB_IMAGE": f"rtb-pipeline-job:{image_tag}",
+        "RTB_GIT_SHA": git_sha(),
         "RTB_SAMPLE_ROWS": str(SAMPLE_ROWS_TRAIN),
         "RTB_SAMPLE_TEST_ROWS": str(SAMPLE_ROWS_TEST),
         # The single-file tests run first on the two files; test_over_time.py then writes a
