@@ -3,16 +3,23 @@ to overlap I/O and compute.
 
 Stage cores are synchronous functions from data to results. Where a stage's wrapper has
 independent work (hash a file while it is parsed, load a model while the input is read,
-cross-validate while the refitted model is written), it hands the pieces to `in_parallel`.
+cross-validate while the refitted model is written), it hands the pieces to `in_parallel`;
+where a stream of batches is parsed and then checked and written, `prefetched` parses the
+next batch while the current one is handled.
 The heavy parts run in numpy, Arrow, zlib and sklearn kernels that release the GIL, so two
 threads use both cores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_DONE = object()
 
 
 def in_parallel(*calls: Callable[[], Any]) -> tuple[Any, ...]:
@@ -30,3 +37,47 @@ def in_parallel(*calls: Callable[[], Any]) -> tuple[Any, ...]:
         for future in futures:
             future.exception()  # wait for every call, raising nothing yet
     return tuple(future.result() for future in futures)
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """The items of `items`, produced on another thread up to `depth` ahead of the consumer.
+
+    An exception of the producer is raised here, at the item where it happened. When the
+    consumer stops early (an error while handling a batch, or `close()`), the producer is told
+    to stop and is waited for, so no thread outlives the stage's read.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((_DONE, exc))
+            return
+        put((_DONE, None))
+
+    producer = threading.Thread(target=produce, name="rtb-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = handoff.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()

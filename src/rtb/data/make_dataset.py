@@ -40,7 +40,7 @@ from rtb.dataset_config import ROW_ID, DatasetConfig
 from rtb.errors import RtbError
 from rtb.field_rules import FieldRule, field_rules
 from rtb.io_utils import atomic_path, sha256_file
-from rtb.overlap import in_parallel
+from rtb.overlap import in_parallel, prefetched
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -323,7 +323,8 @@ def _typed_batches(
     now = pa.scalar(datetime.now(UTC), type=pa.timestamp("ms", tz="UTC"))
     for path in files:
         seen, rows, positives, future, latest = IdHashes(), 0, 0, 0, None
-        for raw in read_raw_batches(path, cfg, split, block_bytes=block_bytes):
+        # The next block is parsed while this one is checked, unified and written.
+        for raw in prefetched(read_raw_batches(path, cfg, split, block_bytes=block_bytes)):
             typed = validate_batch(raw.batch, path, cfg, split, raw.first_line)
             if cfg.id:
                 seen.add(id_hashes(typed.column(cfg.id)))
