@@ -26,31 +26,7 @@ import pyarrow as pa
 from rtb.config import ProjectPaths
 from rtb.models.make_predicting import write_prediction_set
 
-
-def _start_redis(image: str) -> tuple[str, int]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    name = f"rtb-publish-bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:6379",
-                    image], check=True, capture_output=True, timeout=120)
-    return name, port
-
-
-def _wait(client) -> None:
-    import redis
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 
 
 def main() -> int:
@@ -61,11 +37,12 @@ def main() -> int:
     args = parser.parse_args()
     import redis
 
-    image = os.environ.get("REDIS_IMAGE", "redis:7.2-bookworm")
-    name, port = _start_redis(image)
-    try:
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR))
+    from support.redis_server import running_redis
+
+    with running_redis("rtb-publish-bench") as port:
         client = redis.Redis(port=port)
-        _wait(client)
         with tempfile.TemporaryDirectory() as tmp:
             paths = ProjectPaths(Path(tmp) / "project")
             paths.predictions_dir.mkdir(parents=True)
@@ -103,8 +80,6 @@ def main() -> int:
         print(f"GET of one score, {args.reads:,} random ids, one at a time: p50 {p50:.0f} us, "
               f"p99 {p99:.0f} us, p99.9 {p999:.0f} us (client round trip over loopback)")
         print(f"load average {os.getloadavg()[0]:.2f}")
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
     return 0
 
 

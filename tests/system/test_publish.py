@@ -8,50 +8,26 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from support.redis_server import running_redis
 
 from rtb.config import ProjectPaths
 from rtb.prediction_sets import PredictionSet, latest_test_set
 
-from .conftest import _free_port, _require_docker
-
-REDIS_IMAGE_DEFAULT = "redis:7.2-bookworm"  # the compose file's default
+from .conftest import _require_docker
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A Redis server of its own, on a free local port, removed after the module."""
-    import os
-
     _require_docker()
-    image = os.environ.get("REDIS_IMAGE", REDIS_IMAGE_DEFAULT)
-    name = f"rtb-publish-test-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:6379",
-                    image], check=True, capture_output=True, timeout=120)
-    try:
-        import redis
-
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    with running_redis("rtb-publish-test") as port:
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 
 
 @pytest.fixture

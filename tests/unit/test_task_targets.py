@@ -365,10 +365,12 @@ def test_a_retry_stops_the_container_an_earlier_try_left_running(monkeypatch: py
     """Real engine: a container of try 1 still runs (its worker died); try 2's pre-execute step
     stops it and labels its own, and leaves another task instance's container alone."""
     image = os.environ.get("BASE_IMAGE", "python:3.11-slim-bookworm")
+    # Outside CI a machine without Docker skips this test; CI must run it.
+    give_up = pytest.fail if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip
     if shutil.which("docker") is None or _docker("info").returncode != 0:
-        pytest.skip("needs the Docker engine")
+        give_up("needs the Docker engine")
     if _docker("image", "inspect", image).returncode != 0:
-        pytest.skip(f"needs the image {image} (BASE_IMAGE)")
+        give_up(f"needs the image {image} (BASE_IMAGE)")
     common = _load(monkeypatch, {**HOST_ENV, "RTB_STACK": f"rtb-targets-{uuid.uuid4().hex[:8]}"})
     targets = sys.modules["pipeline.targets"]
     task = common.rtb_task("make_dataset", "make-dataset")
