@@ -7,15 +7,18 @@ job image it is a bind mount, on a laptop it is the checkout; `RTB_PROJECT_DIR` 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 from rtb.errors import RtbError
+from rtb.io_utils import TMP_PREFIX
 
 PROJECT_DIR_ENV = "RTB_PROJECT_DIR"
 DATASET_CONFIG_ENV = "RTB_DATASET_CONFIG"
@@ -153,10 +156,36 @@ def version_time(version: str) -> datetime | None:
         return None
 
 
-def claim_version(taken: Callable[[str], bool]) -> str:
-    """A new version for which `taken(version)` is false (versions have 1 s resolution)."""
+@contextlib.contextmanager
+def claimed_version(folder: Path, taken: Callable[[str], bool]) -> Iterator[str]:
+    """A new version for which `taken(version)` is false and that no other writer in `folder`
+    holds, for as long as the block runs.
+
+    Versions have 1 s resolution: two runs started in the same second (a scheduled and a
+    manual predict run of one file) would both find a version free and the second would fail
+    when it writes. The claim is a file created exclusively in `folder` (a `.tmp-` name, so
+    no reader looks at it) and locked; the block's end removes it, and a dead process's
+    claim is cleared like its other leftovers (`rtb.io_utils.remove_stale_tmp_files`).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RtbError(f"{folder}: cannot create output folder ({exc.strerror})") from exc
     while True:
         version = new_version()
+        claim = folder / f"{TMP_PREFIX}version-{version}"
         if not taken(version):
-            return version
+            try:
+                handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise RtbError(f"{folder}: cannot write ({exc.strerror})") from exc
         time.sleep(0.5)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield version
+    finally:
+        os.close(handle)
+        claim.unlink(missing_ok=True)

@@ -67,6 +67,24 @@ class Ran:
     state: str
     seconds: float
     hosts: dict[str, str]  # task id (with map index) -> hostname
+    failures: dict[str, str]  # failed task id -> its state history and the end of its log
+
+
+def _failures(api: AirflowApi, dag_id: str, run_id: str, task_instances: list[dict]) -> dict[str, str]:
+    """What a failed run's failed tasks say: try, hostname and their log's last lines."""
+    found = {}
+    for ti in task_instances:
+        if ti["state"] not in ("failed", "upstream_failed"):
+            continue
+        try:
+            lines = api.task_log_lines(dag_id, run_id, ti["task_id"], max(ti["try_number"], 1),
+                                       ti.get("map_index", -1))
+        except Exception as error:  # the log itself may be what is missing
+            lines = [f"(no log: {error!r})"]
+        found[f"{ti['task_id']}[{ti.get('map_index', -1)}]"] = (
+            f"{ti['state']} try {ti['try_number']} on {ti.get('hostname')}:\n" + "\n".join(lines[-25:])
+        )
+    return found
 
 
 def _run(api: AirflowApi, dag_id: str) -> Ran:
@@ -83,9 +101,10 @@ def _run(api: AirflowApi, dag_id: str) -> Ran:
         for ti in answer["task_instances"]
         if ti["state"] in ("success", "failed", "up_for_retry")
     }
+    failures = {} if state == "success" else _failures(api, dag_id, run_id, answer["task_instances"])
     # Unpausing may also have queued a scheduled run: let it end before the next run.
     api.wait_until_idle(dag_id)
-    return Ran(dag_id, run_id, state, seconds, hosts)
+    return Ran(dag_id, run_id, state, seconds, hosts, failures)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +138,7 @@ def test_up_with_workers_runs_redis_and_the_workers_and_keeps_the_executor(celer
 
 def test_train_pipeline_succeeds_on_the_celery_workers(celery_stack, celery_runs) -> None:
     train = celery_runs[0]
-    assert train.state == "success", train.hosts
+    assert train.state == "success", train.failures
     assert (celery_stack.root / "models/champion.yaml").is_file()
     workers = _containers(celery_stack, "airflow-worker")
     assert set(train.hosts.values()) <= set(workers), (train.hosts, sorted(workers))
@@ -128,7 +147,8 @@ def test_train_pipeline_succeeds_on_the_celery_workers(celery_stack, celery_runs
 def test_tasks_spread_over_both_workers_and_predictions_are_written(
     celery_stack, celery_runs
 ) -> None:
-    assert [r.state for r in celery_runs] == ["success"] * 3, [(r.dag_id, r.state) for r in celery_runs]
+    outcomes = [(r.dag_id, r.state, r.failures) for r in celery_runs]
+    assert [r.state for r in celery_runs] == ["success"] * 3, outcomes
     workers = _containers(celery_stack, "airflow-worker")
     names = {host: c["Name"].lstrip("/") for host, c in workers.items()}
     used = Counter(host for run in celery_runs for host in run.hosts.values())

@@ -69,3 +69,31 @@ def test_writer_holds_its_lock_while_writing(tmp_path) -> None:
     with atomic_path(tmp_path / "x.bin") as tmp:
         with open(tmp, "rb") as other, pytest.raises(BlockingIOError):
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+CLAIM_AND_WRITE = """
+import sys, time
+from pathlib import Path
+from rtb.config import claimed_version
+folder = Path(sys.argv[1])
+def taken(version):
+    return (folder / f"out_{version}.txt").exists()
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # both processes claim at the same instant
+with claimed_version(folder, taken) as version:
+    time.sleep(0.3)  # the work between claiming a version and writing under it
+    (folder / f"out_{version}.txt").write_text(version)
+print(version)
+"""
+
+
+def test_two_processes_claiming_in_the_same_second_get_different_versions(tmp_path) -> None:
+    """A scheduled and a manual predict run of one file start in the same second: each must
+    get a version of its own (versions have 1 s resolution), and no claim is left behind."""
+    start = time.time() + 1.0
+    runs = [subprocess.Popen([sys.executable, "-c", CLAIM_AND_WRITE, str(tmp_path), str(start)],
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    versions = [run.communicate(timeout=60)[0].strip() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert len(set(versions)) == 2, versions
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"out_{v}.txt" for v in versions)

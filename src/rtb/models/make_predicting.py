@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from rtb.config import ProjectPaths, claim_version, new_version
+from rtb.config import ProjectPaths, claimed_version, new_version
 from rtb.data.preprocessing import ScoringBatches, read_scoring_batches
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
@@ -220,17 +220,20 @@ def run_predicting(
     entry = registry.resolve_model(paths, model_path)
     source = paths.processed_arrow("test")
     scoring, input_sha, model = _open(entry, source, cfg)
-    version = claim_version(lambda v: PredictionSet.versioned(paths, v).probabilities.exists())
+    def taken(version: str) -> bool:
+        return PredictionSet.versioned(paths, version).probabilities.exists()
 
-    def sidecar(scored: Scored) -> dict[str, object]:
-        payload = _sidecar(version, scored, entry, source, input_sha, started)
-        payload["outputs"] = [path.name for path in PredictionSet.versioned(paths, version).files[:2]]
-        if run_id is not None:
-            payload["run_id"] = run_id
-        return payload
+    with claimed_version(paths.predictions_dir, taken) as version:
 
-    files = PredictionSet.versioned(paths, version).files
-    scored = _write_set_files(files, _scored_chunks(model, scoring, cfg), scoring.rows, sidecar)
+        def sidecar(scored: Scored) -> dict[str, object]:
+            payload = _sidecar(version, scored, entry, source, input_sha, started)
+            payload["outputs"] = [path.name for path in PredictionSet.versioned(paths, version).files[:2]]
+            if run_id is not None:
+                payload["run_id"] = run_id
+            return payload
+
+        files = PredictionSet.versioned(paths, version).files
+        scored = _write_set_files(files, _scored_chunks(model, scoring, cfg), scoring.rows, sidecar)
     _log_done(scored, entry, files[0], started)
     return files[0]
 

@@ -20,7 +20,7 @@ import joblib
 import pandas as pd
 
 from rtb import partitions
-from rtb.config import ProjectPaths, claim_version
+from rtb.config import ProjectPaths, claimed_version
 from rtb.data.make_dataset import META_SOURCE_FILES, META_SOURCE_SHA
 from rtb.data.preprocessing import hand_over_info, read_processed, read_processed_many
 from rtb.dataset_config import DatasetConfig
@@ -182,50 +182,53 @@ def run_training(
                              holdout_starts=holdout_starts, candidates=candidates)
     del frame
 
-    version = claim_version(lambda v: paths.model(v).exists() or paths.report(v).exists())
-    written: list[Path] = []
-    try:
-        # The cross-validation and the drift profile only feed reports: they run while the
-        # model is refitted, pickled and drawn.
-        (cv, profile), (model, refit, entry) = in_parallel(
-            lambda: (cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
-                     reference_profile(selection, cfg, version)),
-            lambda: _refit_and_persist(paths, cfg, selection, version, seed, limits, written),
-        )
-        profile_path = paths.profile(version)
-        write_yaml(profile_path, profile)
-        written.append(profile_path)
-        with registry.promotion_lock(paths):
-            champion, decision = compare_with_champion(
-                paths, cfg, selection, seed, challenger=entry, inputs=input_sha,
-                holdout_partition=holdout_partition, limits=limits,
+    def taken(version: str) -> bool:
+        return paths.model(version).exists() or paths.report(version).exists()
+
+    with claimed_version(paths.models_dir, taken) as version:
+        written: list[Path] = []
+        try:
+            # The cross-validation and the drift profile only feed reports: they run while the
+            # model is refitted, pickled and drawn.
+            (cv, profile), (model, refit, entry) = in_parallel(
+                lambda: (cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
+                         reference_profile(selection, cfg, version)),
+                lambda: _refit_and_persist(paths, cfg, selection, version, seed, limits, written),
             )
-            artifacts = {
-                "model": entry.path.name,
-                "model_sha256": entry.sha256,
-                "input": label,
-                "input_sha256": input_sha,
-                "profile": profile_path.name,
-            }
-            report = build_report(
-                version, cfg, selection, model=model, cv=cv, refit=refit, decision=decision,
-                limits=limits, seed=seed, seconds=time.perf_counter() - started,
-                artifacts=artifacts,
-            )
-            if data is not None:
-                report["window"] = data.section
-            if trigger_reason:
-                report["trigger"] = {"reason": trigger_reason}
-            report_path = paths.report(version)
-            write_yaml(report_path, report)
-            written.clear()  # model and report now stand as a pair, promoted or not
-            if decision["promoted"]:
-                registry.promote(paths, entry, champion)
-    except BaseException:
-        # A model version without its report is unusable: take back what this run wrote.
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+            profile_path = paths.profile(version)
+            write_yaml(profile_path, profile)
+            written.append(profile_path)
+            with registry.promotion_lock(paths):
+                champion, decision = compare_with_champion(
+                    paths, cfg, selection, seed, challenger=entry, inputs=input_sha,
+                    holdout_partition=holdout_partition, limits=limits,
+                )
+                artifacts = {
+                    "model": entry.path.name,
+                    "model_sha256": entry.sha256,
+                    "input": label,
+                    "input_sha256": input_sha,
+                    "profile": profile_path.name,
+                }
+                report = build_report(
+                    version, cfg, selection, model=model, cv=cv, refit=refit, decision=decision,
+                    limits=limits, seed=seed, seconds=time.perf_counter() - started,
+                    artifacts=artifacts,
+                )
+                if data is not None:
+                    report["window"] = data.section
+                if trigger_reason:
+                    report["trigger"] = {"reason": trigger_reason}
+                report_path = paths.report(version)
+                write_yaml(report_path, report)
+                written.clear()  # model and report now stand as a pair, promoted or not
+                if decision["promoted"]:
+                    registry.promote(paths, entry, champion)
+        except BaseException:
+            # A model version without its report is unusable: take back what this run wrote.
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     log.info("wrote %s and %s; %.1f s in all", entry.path.name, report_path.name,
              time.perf_counter() - started)
     log.info("%s", promotion_line(entry, champion, decision))
