@@ -29,7 +29,7 @@ from rtb.models.make_training import TrainingWindow, run_training
 from rtb.models.metrics import probability_metrics
 from rtb.models.promotion import PROMOTION_MARK
 from rtb.models.registry import load_champion_entry
-from rtb.models.training import in_time_order, time_holdout_split
+from rtb.models.training_rows import time_holdout_split
 
 CFG = load_dataset_config("rtb")
 BASELINE_ONLY = ("logreg_onehot",)  # a weak recipe: on this data the target encodings win
@@ -62,8 +62,7 @@ def _as_is_holdout_log_loss(paths: ProjectPaths, report: dict) -> float:
     of the training file, rows it was refitted on."""
     model_path = paths.models_dir / report["artifacts"]["model"]
     model = registry.load_verified(registry.entry_from_report(paths, model_path))
-    frame = in_time_order(read_processed(paths.processed_arrow("train"), CFG, require_target=True,
-                                         with_id=False), CFG)
+    frame = read_processed(paths.processed_arrow("train"), CFG, require_target=True, with_id=False)
     holdout = time_holdout_split(frame[CFG.timestamp], 0.2)
     p = model.predict_proba(feature_frame(frame, CFG)[holdout])[:, 1]
     return probability_metrics(frame[CFG.target].to_numpy()[holdout], p)["log_loss"]

@@ -312,11 +312,14 @@ def test_too_few_rows_are_reported_but_never_a_reason() -> None:
 
 
 def test_new_level_shares_of_a_window() -> None:
-    from rtb.monitoring.profile import new_level_shares
+    from rtb.monitoring.profile import new_level_shares, seen_levels
 
-    window = pd.DataFrame({"c": pd.Categorical(["a", "b", "a", "b", "a", "z", "z", "b", "y"])})
-    latest = np.array([False] * 4 + [True] * 5)  # its last five rows: z, z and y are new
-    assert new_level_shares(window, latest, ["c"]) == {"c": pytest.approx(3 / 5)}
+    window = pd.DataFrame({"c": pd.Categorical(["a", "b", "a", "b", "a", "z", "z", "b", "y", None],
+                                               categories=["a", "b", "q", "y", "z"])})
+    latest = np.array([False] * 4 + [True] * 6)  # its last six rows: z, z, y and the gap are new
+    known = {"c": seen_levels(window["c"][~latest])}
+    assert sorted(known["c"]) == ["a", "b"]  # the unused category q is no level seen
+    assert new_level_shares(window[latest], known) == {"c": pytest.approx(4 / 6)}
 
 
 def test_thresholds_are_configurable_and_the_dict_is_yaml_able() -> None:

@@ -188,10 +188,10 @@ def read_processed(
     import pandas as pd
 
     reader = open_batches(path, "preprocess")
-    needed = _needed(cfg, require_target, with_id)
-    _check_columns(path, reader.schema.names, needed, cfg)
+    needed = needed_columns(cfg, require_target, with_id)
+    check_columns(path, reader.schema.names, needed, cfg)
     if not reader.num_record_batches:
-        return _to_frame(_read_processed_table(path, cfg, require_target, with_id), cfg)
+        return table_to_frame(_read_processed_table(path, cfg, require_target, with_id), cfg)
     _, rows = hand_over_info(path)
     types = {name: reader.schema.field(name).type for name in needed}
     texts: dict[str, list[pa.Array]] = {n: [] for n, t in types.items() if not _fills(t)}
@@ -228,28 +228,6 @@ def read_processed(
 def _fills(kind: pa.DataType) -> bool:
     """Whether a column is read into a preallocated numpy array (all but text)."""
     return not (pa.types.is_string(kind) or pa.types.is_large_string(kind))
-
-
-def read_processed_many(
-    sources: list[Path], cfg: DatasetConfig, *, require_target: bool, with_id: bool = True
-) -> pd.DataFrame:
-    """Several hand-overs (the days of a training window) as one frame, in the given order.
-
-    Concatenated in Arrow, then one dictionary per column: concatenating pandas categoricals
-    whose categories differ would silently turn them into object columns.
-    """
-    tables = [
-        _read_processed_table(path, cfg, require_target, with_id).replace_schema_metadata(None)
-        for path in sources
-    ]
-    if not tables:
-        raise RtbError("no processed hand-over to read")
-    try:
-        table = pa.concat_tables(tables).unify_dictionaries()
-    except pa.ArrowInvalid as exc:
-        raise RtbError(f"{sources[0].parent}: hand-overs of different layouts ({exc}); "
-                       "run `rtb preprocess` again for each") from exc
-    return _to_frame(table, cfg)
 
 
 def hand_over_info(path: Path) -> tuple[dict[str, str], int]:
@@ -347,13 +325,13 @@ def read_scoring_batches(path: Path, cfg: DatasetConfig, frame_rows: int) -> Sco
     """The processed test hand-over for `rtb predict`, to stream in frames of `frame_rows`."""
     reader = open_batches(path, "preprocess")
     needed = [cfg.id_column, cfg.timestamp, *cfg.feature_columns]
-    _check_columns(path, reader.schema.names, needed, cfg)
+    check_columns(path, reader.schema.names, needed, cfg)
     _, rows = hand_over_info(path)
     return ScoringBatches(path, reader, [cfg.id_column, *cfg.feature_columns], FrameConverter(cfg), rows,
                           frame_rows)
 
 
-def _check_columns(path: Path, present: list[str], needed: list[str], cfg: DatasetConfig) -> None:
+def check_columns(path: Path, present: list[str], needed: list[str], cfg: DatasetConfig) -> None:
     missing = [c for c in needed if c not in present]
     if missing:
         raise RtbError(f"{path}: missing column(s) {missing} (expected processed {cfg.name} data)")
@@ -364,7 +342,7 @@ def _read_processed_table(
 ) -> pa.Table:
     if not path.exists():
         raise RtbError(f"{path}: file not found (run `rtb preprocess` first)")
-    needed = _needed(cfg, require_target, with_id)
+    needed = needed_columns(cfg, require_target, with_id)
     try:
         # Memory-mapped: our writers only ever replace the file by rename, which leaves a
         # mapping intact (a file cut short in place *during* a run would end it with SIGBUS).
@@ -372,16 +350,16 @@ def _read_processed_table(
     except (pa.ArrowInvalid, OSError) as exc:
         raise RtbError(f"{path}: not a readable Arrow IPC file ({str(exc).splitlines()[0]}); "
                        "run `rtb preprocess` again") from exc
-    _check_columns(path, table.column_names, needed, cfg)
+    check_columns(path, table.column_names, needed, cfg)
     return table.select(needed)
 
 
-def _needed(cfg: DatasetConfig, require_target: bool, with_id: bool) -> list[str]:
+def needed_columns(cfg: DatasetConfig, require_target: bool, with_id: bool) -> list[str]:
     needed = ([cfg.id_column] if with_id else []) + [cfg.timestamp, *cfg.feature_columns]
     return needed + [cfg.target] if require_target else needed
 
 
-def _to_frame(table: pa.Table, cfg: DatasetConfig) -> pd.DataFrame:
+def table_to_frame(table: pa.Table, cfg: DatasetConfig) -> pd.DataFrame:
     # Hand Arrow's buffers to pandas column by column instead of holding both copies at once,
     # then give the freed blocks back to the OS.
     frame = table.to_pandas(split_blocks=True, self_destruct=True)

@@ -22,7 +22,7 @@ import pandas as pd
 from rtb import partitions
 from rtb.config import ProjectPaths, claimed_version
 from rtb.data.make_dataset import META_SOURCE_FILES, META_SOURCE_SHA
-from rtb.data.preprocessing import hand_over_info, read_processed, read_processed_many
+from rtb.data.preprocessing import hand_over_info
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
@@ -35,11 +35,11 @@ from rtb.models.training import (
     Selection,
     TrainingLimits,
     cross_validated,
-    in_time_order,
     refit_on_all_rows,
     select_model,
 )
 from rtb.models.training_report import build_report
+from rtb.models.training_rows import read_training_rows
 from rtb.monitoring.profile import build_profile, new_level_shares, profile_training_window
 from rtb.overlap import in_parallel
 
@@ -65,18 +65,18 @@ class TrainingWindow:
 
 @dataclass
 class WindowData:
-    """A training window's rows and the record of exactly which partitions they came from."""
+    """A training window's hand-overs and the record of exactly which partitions they are."""
 
-    frame: pd.DataFrame
+    sources: list[Path]  # the processed hand-overs, in day order
     section: dict[str, object]  # the report's `window` section
     holdout_day: date
     holdout_partition: str
     inputs: dict[str, str]  # processed hand-over -> its sha256
 
 
-def read_window(paths: ProjectPaths, cfg: DatasetConfig, window: TrainingWindow) -> WindowData:
-    """The processed hand-overs of the window's days that exist, as one frame; the latest
-    present day is the holdout. Fewer than two days leave nothing to hold out: an error."""
+def find_window(paths: ProjectPaths, window: TrainingWindow) -> WindowData:
+    """The processed hand-overs of the window's days that exist; the latest present day is
+    the holdout. Fewer than two days leave nothing to hold out: an error."""
     names = {day: partitions.labelled_name(day) for day in window.dates}
     present = [day for day, name in names.items() if paths.processed_arrow(name).exists()]
     missing = [names[day] for day in window.dates if day not in present]
@@ -90,7 +90,6 @@ def read_window(paths: ProjectPaths, cfg: DatasetConfig, window: TrainingWindow)
         )
     sources = [paths.processed_arrow(names[day]) for day in present]
     described = [_window_partition(names[day], path) for day, path in zip(present, sources, strict=True)]
-    frame = read_processed_many(sources, cfg, require_target=True, with_id=False)
     section = {
         "end": window.end.isoformat(),
         "days": window.days,
@@ -101,7 +100,7 @@ def read_window(paths: ProjectPaths, cfg: DatasetConfig, window: TrainingWindow)
         "missing": missing,
     }
     inputs = {names[day]: sha256_file(path) for day, path in zip(present, sources, strict=True)}
-    return WindowData(frame, section, present[-1], names[present[-1]], inputs)
+    return WindowData(sources, section, present[-1], names[present[-1]], inputs)
 
 
 def _window_partition(name: str, hand_over: Path) -> dict[str, object]:
@@ -120,21 +119,27 @@ def _window_partition(name: str, hand_over: Path) -> dict[str, object]:
 
 
 def reference_profile(selection: Selection, cfg: DatasetConfig, version: str) -> dict[str, object]:
-    """The drift reference of a trained model: every feature over all rows it was trained on,
-    and the score distribution from the selected candidate's calibrated holdout probabilities.
+    """The drift reference of a trained model: every feature over a uniform sample of the
+    rows of its window (all of them when the window is small), and the score distribution
+    from the selected candidate's calibrated holdout probabilities.
 
     Those are out-of-sample scores on the latest rows, which is what serving looks like (the
     shipped refit would score its own training rows in-sample, more spread than it ever is
-    on new requests)."""
-    profile = profile_training_window(selection.frame, cfg)
+    on new requests). The rate of new levels compares the holdout with every early row,
+    kept or not."""
+    rows = selection.rows
+    uniform = rows.uniform
+    profile = profile_training_window(rows.frame if uniform.all() else rows.frame[uniform], cfg)
     scores = build_profile(
         pd.DataFrame(index=pd.RangeIndex(int(selection.holdout.sum()))), numeric=[], categorical=[],
         scores=selection.selected.holdout_probabilities,
     ).score
-    new_levels = new_level_shares(selection.frame, selection.holdout, cfg.categorical)
+    new_levels = new_level_shares(rows.frame[rows.holdout], rows.early_levels)
     return {
         "version": version,
         "model": selection.selected.name,
+        "features_from": f"{profile.rows} rows, a uniform {rows.negative_share:.4f} share of the "
+                         f"window's {rows.plan.rows}",
         "scores_from": f"{selection.selected.name} fitted on the {selection.parts[0]}, calibrated "
                        f"(cross-fitted Platt), on the {selection.parts[1]}",
         **dataclasses.replace(profile, score=scores, new_levels=new_levels).to_dict(),
@@ -162,25 +167,25 @@ def run_training(
     holdout_starts = holdout_partition = data = None
     if window is None:
         source = paths.processed_arrow("train")
-        frame, input_sha = in_parallel(  # hashing the input overlaps reading it
-            lambda: read_processed(source, cfg, require_target=True, with_id=False),
+        rows, input_sha = in_parallel(  # hashing the input overlaps reading it
+            lambda: read_training_rows([source], cfg, limits, seed=seed),
             lambda: sha256_file(source) if source.exists() else None,
         )
         label: object = source.name
     else:
-        data = read_window(paths, cfg, window)
-        frame, input_sha, label = data.frame, data.inputs, list(data.inputs)
+        data = find_window(paths, window)
         source = paths.processed_dir / partitions.LABELLED
         holdout_starts = pd.Timestamp(data.holdout_day.isoformat(), tz="UTC")
         holdout_partition = data.holdout_partition
-        data.frame = None
         log.info("%s: %d of %d days, holdout %s", window.describe(), len(data.section["partitions"]),
                  window.days, holdout_partition)
-    log.info("read %d rows from %s in %.1f s", len(frame), source, time.perf_counter() - started)
-    frame = in_time_order(frame, cfg)  # rebinding lets the unsorted copy go before fitting
-    selection = select_model(frame, cfg, seed=seed, limits=limits, source=str(source),
+        rows = read_training_rows(data.sources, cfg, limits, seed=seed, starts=holdout_starts)
+        input_sha, label = data.inputs, list(data.inputs)
+    log.info("read %d rows from %s, kept %d, in %.1f s", rows.plan.rows, source, len(rows.frame),
+             time.perf_counter() - started)
+    selection = select_model(rows, cfg, seed=seed, limits=limits, source=str(source),
                              holdout_starts=holdout_starts, candidates=candidates)
-    del frame
+    del rows
 
     def taken(version: str) -> bool:
         return paths.model(version).exists() or paths.report(version).exists()

@@ -15,7 +15,12 @@ EPS = 1e-15
 
 def base_rate_entropy(y: np.ndarray) -> float:
     """Log loss of always predicting the observed base rate."""
-    rate = float(np.clip(np.mean(y), EPS, 1 - EPS))
+    return rate_entropy(float(np.mean(y)))
+
+
+def rate_entropy(rate: float) -> float:
+    """Log loss of always predicting `rate` on labels whose base rate it is."""
+    rate = float(np.clip(rate, EPS, 1 - EPS))
     return float(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)))
 
 

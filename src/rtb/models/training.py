@@ -7,8 +7,9 @@ cross-fitted calibration so they stay honest. The candidate with the best calibr
 log loss is selected; `refit_on_all_rows` then fits it again on every row (the latest rows
 are the most like tomorrow's), keeping the holdout's Platt mapping shifted by the change in
 negative sampling; `cross_validated` adds one shuffled K-fold `cross_validate` call for the
-report. All functions here take data and return results; the CLI stage decides what runs
-beside what.
+report. The rows come from `rtb.models.training_rows`, which applies the negative
+downsampling while reading, so a long window costs the memory of its sample. All functions
+here take data and return results; the CLI stage decides what runs beside what.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import feature_frame
 from rtb.models.calibration import cross_fitted_platt, fit_platt
+from rtb.models.limits import DEFAULT_LIMITS, TrainingLimits
 from rtb.models.metrics import cv_scoring, cv_summary, probability_metrics
 from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline
+from rtb.models.training_rows import TrainingRows, rows_from_frame
 from rtb.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -39,28 +42,6 @@ log = logging.getLogger(__name__)
 # Relative fitting cost of the candidates; the longest start first so that none runs alone
 # at the end.
 FIT_COST_HINT = {"gbm_target_encoded": 3, BASELINE: 2, "logreg_target_encoded": 1}
-
-
-@dataclass(frozen=True)
-class TrainingLimits:
-    """How much data each step of training uses: the knobs that trade time for precision.
-
-    `fit_max_negatives` bounds every candidate's fit (selection comes out the same as with
-    twice as many, in half the time); `refit_max_negatives` bounds the shipped model's refit;
-    `min_class_rows` is what the 5-fold cross-fitted calibration needs of each class on each
-    side of the time split.
-    """
-
-    holdout_share: float = 0.2
-    fit_max_negatives: int = 300_000
-    refit_max_negatives: int = 600_000
-    cv_max_rows: int = 300_000
-    min_class_rows: int = 5
-    score_chunk_rows: int = 250_000
-    fit_threads: int = 2
-
-
-DEFAULT_LIMITS = TrainingLimits()
 
 
 @dataclass
@@ -88,15 +69,29 @@ class CandidateResult:
 
 @dataclass
 class Selection:
-    """The candidates fitted on the early rows and the one selected, with the data they saw."""
+    """The candidates fitted on the early rows and the one selected, with the rows they saw
+    (the kept rows of `rows`, see `rtb.models.training_rows`)."""
 
     selected: CandidateResult
     candidates: list[CandidateResult]
-    frame: pd.DataFrame  # in time order
+    rows: TrainingRows
     X: pd.DataFrame
     y: np.ndarray
-    holdout: np.ndarray  # boolean mask of the latest rows
-    parts: tuple[str, str] = ("early rows", "holdout")  # how the early rows and holdout are named
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The kept rows, in time order."""
+        return self.rows.frame
+
+    @property
+    def holdout(self) -> np.ndarray:
+        """Boolean mask of the kept rows in the holdout (all of the holdout's rows)."""
+        return self.rows.holdout
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        """How the early rows and the holdout are named."""
+        return self.rows.plan.parts
 
     @property
     def y_holdout(self) -> np.ndarray:
@@ -105,46 +100,6 @@ class Selection:
     @property
     def baseline(self) -> CandidateResult:
         return next(r for r in self.candidates if r.name == BASELINE)
-
-
-def time_holdout_split(
-    stamps: pd.Series, share: float, *, starts: pd.Timestamp | None = None
-) -> np.ndarray:
-    """Boolean mask of the latest `share` of rows by timestamp (ties kept together), or, with
-    `starts`, of the rows at or after that moment (a training window holds out its latest day:
-    the early fit then never saw the day the promotion gate judges it on)."""
-    if starts is not None:
-        return (stamps >= starts).to_numpy()
-    cutoff = stamps.quantile(1.0 - share)
-    holdout = (stamps > cutoff).to_numpy()
-    if not holdout.any() or holdout.all():
-        order = np.argsort(stamps.to_numpy(), kind="stable")
-        holdout = np.zeros(len(stamps), dtype=bool)
-        holdout[order[int(len(stamps) * (1.0 - share)) :]] = True
-    return holdout
-
-
-def holdout_parts(limits: TrainingLimits, starts: pd.Timestamp | None = None) -> tuple[str, str]:
-    """How the report and errors name the early rows and the holdout, e.g. "earliest 80% of
-    rows" and "latest 20% of rows"."""
-    if starts is not None:
-        return f"rows before {starts}", f"rows from {starts}"
-    return (f"earliest {100 - round(100 * limits.holdout_share)}% of rows",
-            f"latest {round(100 * limits.holdout_share)}% of rows")
-
-
-def _check_trainable(
-    y: np.ndarray, holdout: np.ndarray, source: str, target: str, parts: tuple[str, str],
-    limits: TrainingLimits,
-) -> None:
-    for label, rows in zip((parts[0], f"{parts[1]} (holdout)"), (~holdout, holdout), strict=True):
-        positives = int(y[rows].sum())
-        if positives < limits.min_class_rows or positives > rows.sum() - limits.min_class_rows:
-            raise RtbError(
-                f"{source}: column {target!r} has {positives} positives in the {label} "
-                f"({int(rows.sum())} rows); need at least {limits.min_class_rows} of each class in "
-                "both parts to train and calibrate"
-            )
 
 
 def fit_candidate(
@@ -234,18 +189,8 @@ def negative_downsample(y: np.ndarray, rows: np.ndarray, max_negatives: int, see
     return np.sort(np.concatenate([candidates[y[candidates] == 1], kept]))
 
 
-def in_time_order(frame: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
-    """Rows sorted by timestamp (stable): target encodings of a row may only use earlier rows.
-
-    A frame already in order is returned as is, saving a copy of the whole training set.
-    """
-    if frame[cfg.timestamp].is_monotonic_increasing:
-        return frame
-    return frame.sort_values(cfg.timestamp, kind="stable", ignore_index=True)
-
-
 def select_model(
-    frame: pd.DataFrame,
+    data: pd.DataFrame | TrainingRows,
     cfg: DatasetConfig,
     *,
     seed: int = 0,
@@ -254,8 +199,9 @@ def select_model(
     source: str = "train_df",
     holdout_starts: pd.Timestamp | None = None,
 ) -> Selection:
-    """Processed frame -> every candidate fitted on the early rows, scored on the holdout,
-    and the one with the lowest calibrated holdout log loss selected.
+    """Training rows (or a processed frame, sampled here as `read_training_rows` samples a
+    file) -> every candidate fitted on the early rows, scored on the holdout, and the one
+    with the lowest calibrated holdout log loss selected.
 
     The holdout is the latest `limits.holdout_share` of rows, or with `holdout_starts` the
     rows from that moment on."""
@@ -264,20 +210,14 @@ def select_model(
         candidates = (BASELINE, *candidates)
     if unknown:
         raise RtbError(f"unknown candidate model(s) {unknown}; known: {list(CANDIDATES)}")
-    frame = in_time_order(frame, cfg)
+    rows = data if isinstance(data, TrainingRows) else rows_from_frame(
+        data, cfg, limits, seed=seed, starts=holdout_starts, source=source)
+    del data
+    frame, holdout = rows.frame, rows.holdout
     y = frame[cfg.target].to_numpy().astype(np.int8)
-    holdout = time_holdout_split(frame[cfg.timestamp], limits.holdout_share, starts=holdout_starts)
-    parts = holdout_parts(limits, holdout_starts)
-    _check_trainable(y, holdout, source, cfg.target, parts, limits)
     X = feature_frame(frame, cfg)
-    log.info(
-        "training on %d rows (%d early, %d holdout after %s), base rate %.4f",
-        len(y),
-        int((~holdout).sum()),
-        int(holdout.sum()),
-        frame[cfg.timestamp][holdout].min(),
-        y.mean(),
-    )
+    log.info("training on %s; %d rows kept (%d early, %d holdout)", rows.plan.describe(),
+             len(y), int((~holdout).sum()), int(holdout.sum()))
     progress = Progress(log, "train", len(candidates))
     # Two candidates at a time: the linear ones spend their time in numpy/scipy kernels that
     # release the GIL and use one core each, so a second thread nearly halves the wall time.
@@ -294,7 +234,7 @@ def select_model(
     release_freed_memory()
     selected = min(results, key=lambda r: r.holdout["log_loss"])
     log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
-    return Selection(selected, results, frame, X, y, holdout, parts)
+    return Selection(selected, results, rows, X, y)
 
 
 def release_freed_memory() -> None:
@@ -313,12 +253,14 @@ def release_freed_memory() -> None:
 def cross_validated(
     selection: Selection, *, cv_folds: int, seed: int, limits: TrainingLimits = DEFAULT_LIMITS
 ) -> dict[str, object]:
-    """ONE `cross_validate` call, all metrics: shuffled K-fold on a row sample, for the
+    """ONE `cross_validate` call, all metrics: shuffled K-fold on a uniform sample of the
+    window's rows (drawn from `TrainingRows.uniform`, whatever the label), for the
     selected candidate without its holdout calibration (each fold refits on natural rows, so
     the Platt step tuned to the time holdout and to negative sampling does not apply)."""
     started = time.perf_counter()
     result, y = selection.selected, selection.y
-    rows = _cv_sample(len(y), seed, limits.cv_max_rows)
+    uniform = np.flatnonzero(selection.rows.uniform)
+    rows = uniform[_cv_sample(len(uniform), seed, limits.cv_max_rows)]
     uncalibrated = clone(result.pipeline).set_params(model__slope=1.0, model__intercept=0.0)
     scores = cross_validate(
         uncalibrated,
@@ -332,6 +274,7 @@ def cross_validated(
         "rows": int(len(rows)),
         "folds": cv_folds,
         "model": result.name,
+        "of_rows": selection.rows.plan.rows,
         "note": "shuffled folds flatter a model on drifting data; promotion uses the time holdout",
     }
     log.info(
@@ -361,14 +304,17 @@ def refit_on_all_rows(
 
     The Platt step keeps the slope learned on the holdout; its intercept moves by
     slope * log(kept share of negatives now / then), which is exactly how negative
-    downsampling shifts a model's log-odds, so no second holdout is needed.
+    downsampling shifts a model's log-odds, so no second holdout is needed. "Every row" is
+    `TrainingRows.sampled`: all positives and the read-time share of the negatives, the
+    holdout's included, so the negatives of the refit are a uniform sample of the window's.
     """
     started = time.perf_counter()
     selected, y, holdout = selection.selected, selection.y, selection.holdout
-    everything = np.ones(len(y), dtype=bool)
+    read_share = selection.rows.negative_share
+    everything = selection.rows.sampled(y)
     rows = negative_downsample(y, everything, limits.refit_max_negatives, seed)
-    kept_then = _negative_share(y, ~holdout, limits.fit_max_negatives)
-    kept_now = _negative_share(y, everything, limits.refit_max_negatives)
+    kept_then = read_share * _negative_share(y, ~holdout, limits.fit_max_negatives)
+    kept_now = read_share * _negative_share(y, everything, limits.refit_max_negatives)
     slope, intercept = selected.calibration["slope"], selected.calibration["intercept"]
     shift = float(np.log(kept_now / kept_then))
     model = build_pipeline(selected.name, cfg, seed)
@@ -376,7 +322,7 @@ def refit_on_all_rows(
     model.set_params(model__slope=slope, model__intercept=intercept + slope * shift)
     refit = {
         "rows": int(len(rows)),
-        "of_rows": int(len(y)),
+        "of_rows": selection.rows.plan.rows,
         "negatives_kept_share": kept_now,
         "early_fit_negatives_kept_share": kept_then,
         "platt_slope": slope,
@@ -387,7 +333,8 @@ def refit_on_all_rows(
     log.info(
         "%s: refitted on all %d rows (%d after downsampling negatives to %.3f); Platt intercept "
         "shifted by %.3f; %.1f s",
-        selected.name, len(y), len(rows), kept_now, slope * shift, refit["seconds"],
+        selected.name, selection.rows.plan.rows, len(rows), kept_now, slope * shift,
+        refit["seconds"],
     )
     return model, refit
 

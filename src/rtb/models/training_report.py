@@ -21,7 +21,7 @@ from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 
 from rtb.dataset_config import DatasetConfig
-from rtb.models.metrics import base_rate_entropy, bootstrap_log_loss_uplift, reliability_table
+from rtb.models.metrics import bootstrap_log_loss_uplift, rate_entropy, reliability_table
 from rtb.models.pipeline import BASELINE
 from rtb.models.training import Selection, TrainingLimits
 
@@ -166,6 +166,7 @@ def build_report(
 ) -> dict[str, object]:
     """The report YAML's content, in the order a reader wants it."""
     selected, frame, holdout = selection.selected, selection.frame, selection.holdout
+    plan = selection.rows.plan
     y_hold = selection.y_holdout
     return {
         "version": version,
@@ -200,14 +201,16 @@ def build_report(
             "reliability": reliability_table(y_hold, selected.holdout_probabilities),
         },
         "data": {
-            "rows": len(frame),
-            "train_rows": int((~holdout).sum()),
-            "holdout_rows": int(holdout.sum()),
+            "rows": plan.rows,
+            "train_rows": plan.rows - plan.holdout_rows,
+            "holdout_rows": plan.holdout_rows,
+            "kept_rows": len(frame),
+            "read_negatives_kept_share": plan.negative_share,
             "fit_max_negatives": limits.fit_max_negatives,
             "refit_max_negatives": limits.refit_max_negatives,
-            "base_rate": float(frame[cfg.target].mean()),
-            "base_rate_entropy": base_rate_entropy(frame[cfg.target].to_numpy()),
-            "holdout_starts": str(frame[cfg.timestamp][holdout].min()),
+            "base_rate": plan.base_rate,
+            "base_rate_entropy": rate_entropy(plan.base_rate),
+            "holdout_starts": str(plan.holdout_starts),
             "features": cfg.feature_columns,
         },
         "refit": refit,

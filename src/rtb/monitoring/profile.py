@@ -214,23 +214,24 @@ def profile_training_window(
     )
 
 
-def new_level_shares(frame: pd.DataFrame, later: np.ndarray, categorical: Sequence[str]) -> dict[str, float]:
-    """Per categorical, the share of the `later` rows (a boolean mask) whose level the other
-    rows never had.
+def new_level_shares(later: pd.DataFrame, known: Mapping[str, pd.Index]) -> dict[str, float]:
+    """Per categorical of `known`, the share of the `later` rows whose level is not in it
+    (the levels the earlier rows had, see `seen_levels`).
 
     Long-tail ids bring new levels all the time (launches, new devices), so an unseen share is
     drift only when it exceeds this normal rate; measured on a training window's latest rows
     against its earlier ones, it is the rate a model trained on the window should expect.
-    Counted from category codes, one column at a time: no copy of the frame, no strings.
     """
     from rtb.monitoring.drift import unseen_share
 
-    out = {}
-    for name in categorical:
-        column = frame[name]
-        levels, counts = level_counts(column[~later])
-        out[name] = unseen_share(column[later], levels[counts > 0])
-    return out
+    return {name: unseen_share(later[name], levels) for name, levels in known.items()}
+
+
+def seen_levels(values: pd.Series) -> pd.Index:
+    """The levels that occur in `values` (text, gaps as `__missing__`), from category codes:
+    no copy of the column, no strings per row."""
+    levels, counts = level_counts(values)
+    return levels[counts > 0]
 
 
 def _numeric_profile(values: np.ndarray, bins: int) -> NumericBins:

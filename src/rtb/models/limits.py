@@ -1,0 +1,26 @@
+"""How much data each step of training uses: the knobs that trade time for precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """`fit_max_negatives` bounds every candidate's fit (selection comes out the same as with
+    twice as many, in half the time); `refit_max_negatives` bounds the shipped model's refit;
+    together they bound the rows training keeps while reading (`rtb.models.training_rows`).
+    `min_class_rows` is what the 5-fold cross-fitted calibration needs of each class on each
+    side of the time split.
+    """
+
+    holdout_share: float = 0.2
+    fit_max_negatives: int = 300_000
+    refit_max_negatives: int = 600_000
+    cv_max_rows: int = 300_000
+    min_class_rows: int = 5
+    score_chunk_rows: int = 250_000
+    fit_threads: int = 2
+
+
+DEFAULT_LIMITS = TrainingLimits()
