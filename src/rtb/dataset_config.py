@@ -1,20 +1,24 @@
 """Column roles of a raw dataset, loaded from YAML, so that one pipeline serves several logs.
 
 The default is the RTB schema (`configs/rtb.yaml`); `configs/talkingdata.yaml` describes the
-public TalkingData click log. Pass another file with `--dataset-config` or `RTB_DATASET_CONFIG`.
+public TalkingData click log and `configs/avazu.yaml` the Avazu CTR log (its hour written as
+YYMMDDHH, declared with `timestamp_format`). Pass another file with `--dataset-config` or
+`RTB_DATASET_CONFIG`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+from rtb.data.timestamp_formats import check_format
 from rtb.errors import RtbError
 from rtb.io_utils import read_yaml
 
-BUILTIN_CONFIGS = ("rtb", "talkingdata")
+BUILTIN_CONFIGS = ("rtb", "talkingdata", "avazu")
 ROW_ID = "row_id"
+HOUR_OF_DAY = ("hour", "hour_of_day")  # the derived feature's name, and the one if a raw column has it
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class DatasetConfig:
     drop: list[str] = field(default_factory=list)
     crosses: list[list[str]] = field(default_factory=list)
     non_negative: list[str] = field(default_factory=list)
+    # None: ISO 8601; else a strptime pattern or epoch_s / epoch_ms (rtb.data.timestamp_formats)
+    timestamp_format: str | None = None
     source: str = "<builtin>"
 
     @property
@@ -56,7 +62,13 @@ class DatasetConfig:
         test day whose weekday training never saw gets an extrapolated guess.
         """
         recency = list(self.datetimes.values())
-        return recency + [f"{name}_missing" for name in recency] + ["hour"]
+        return recency + [f"{name}_missing" for name in recency] + [self.hour_feature]
+
+    @property
+    def hour_feature(self) -> str:
+        """The hour-of-day feature's name: `hour`, or `hour_of_day` in a log that has a column
+        named `hour` (Avazu's timestamp is)."""
+        return HOUR_OF_DAY[0] if HOUR_OF_DAY[0] not in self.raw_columns("train") else HOUR_OF_DAY[1]
 
     @property
     def feature_numerical(self) -> list[str]:
@@ -86,6 +98,12 @@ def load_dataset_config(name_or_path: str | Path | None = None) -> DatasetConfig
     payload["drop"] = list(payload.get("drop") or [])
     payload["crosses"] = [list(c) for c in payload.get("crosses") or []]
     payload["non_negative"] = list(payload.get("non_negative") or [])
+    unknown = sorted(set(payload) - {f.name for f in fields(DatasetConfig)} - {"source"})
+    if unknown:
+        raise RtbError(f"{source}: dataset config has unknown keys {unknown}")
+    if payload.get("timestamp_format") is not None:
+        payload["timestamp_format"] = str(payload["timestamp_format"])
+        check_format(payload["timestamp_format"], source)
     config = DatasetConfig(source=source, **payload)
     _check_roles(config)
     return config
@@ -99,6 +117,9 @@ def _check_roles(config: DatasetConfig) -> None:
     leaked = sorted(set(config.drop) & set(roles))
     if leaked:
         raise RtbError(f"{config.source}: columns {leaked} are both dropped and used")
+    clash = sorted(set(config.derived_numerical) & set(roles + config.drop))
+    if clash:
+        raise RtbError(f"{config.source}: derived feature name(s) {clash} are also raw columns")
     stray = sorted(set(config.non_negative) - set(config.numerical))
     if stray:
         raise RtbError(f"{config.source}: non_negative names non-numerical column(s) {stray}")

@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # the batch stages run on Arrow alone; pandas costs a noticea
 MISSING = "__missing__"
 SECONDS_PER_HOUR = 3600.0
 MS_PER_HOUR = SECONDS_PER_HOUR * 1000.0
-HOUR = "hour"
 MISSING_FLAG_SUFFIX = "_missing"
 
 _F32 = struct.Struct("<f")
@@ -67,7 +66,7 @@ def derive_feature_table(table: pa.Table, cfg: DatasetConfig) -> pa.Table:
         hours = pc.divide(pc.cast(pc.subtract(stamp_ms, earlier), pa.float64()), MS_PER_HOUR)
         columns[feature] = pc.cast(hours, pa.float32())
         columns[feature + MISSING_FLAG_SUFFIX] = pc.cast(pc.is_null(hours), pa.float32())
-    columns[HOUR] = pc.cast(pc.hour(stamp), pa.float32())
+    columns[cfg.hour_feature] = pc.cast(pc.hour(stamp), pa.float32())
     if cfg.target in table.column_names:
         columns[cfg.target] = pc.cast(table.column(cfg.target), pa.int8())
     return pa.table(columns)

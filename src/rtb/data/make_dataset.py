@@ -72,13 +72,15 @@ def validate_batch(
             raise RtbError(f"{path}: column {cfg.id!r} line {first_line + row}: expected an id, got empty")
         _check(rules[cfg.id], path, ids, first_line)
         columns[cfg.id] = ids
-    columns[cfg.timestamp] = parse_timestamps(path, cfg.timestamp, batch.column(cfg.timestamp), first_line)
+    columns[cfg.timestamp] = parse_timestamps(path, cfg.timestamp, batch.column(cfg.timestamp),
+                                              first_line, cfg.timestamp_format)
     if columns[cfg.timestamp].null_count:
         row = int(np.flatnonzero(columns[cfg.timestamp].is_null().to_numpy(zero_copy_only=False))[0])
         raise RtbError(f"{path}: column {cfg.timestamp!r} line {first_line + row}: expected a "
                        "timestamp on every row, got empty")
     for name in cfg.datetimes:
-        columns[name] = parse_timestamps(path, name, batch.column(name), first_line)
+        columns[name] = parse_timestamps(path, name, batch.column(name), first_line,
+                                         cfg.timestamp_format)
     for name in (cfg.timestamp, *cfg.datetimes):
         _check(rules[name], path, columns[name], first_line)
     for name in cfg.categorical:

@@ -11,6 +11,7 @@ fix.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import re
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from isal import igzip, isal_zlib
 
+from rtb.data.timestamp_formats import parse_formatted
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 
@@ -126,7 +128,8 @@ def read_raw_batches(
         types[name] = pa.dictionary(pa.int32(), pa.string())
     for name in cfg.numerical:
         types[name] = pa.float32()
-    stamp_types = _timestamp_types(path, header, cfg)
+    # Declared formats are parsed from text after the read (`parse_timestamps`).
+    stamp_types = {} if cfg.timestamp_format else _timestamp_types(path, header, cfg)
     if split == "train":
         types[cfg.target] = pa.float64()
     # Perhaps only the timestamps disagree with the first rows (offsets on some rows, not on
@@ -135,7 +138,7 @@ def read_raw_batches(
     attempts = [types | stamp_types, types] if stamp_types else [types]
     done = 0
     first_error: pa.ArrowInvalid | None = None
-    for attempt, column_types in enumerate(attempts):
+    for column_types in attempts:
         try:
             for batch in _skipping(_stream(path, cfg, columns, column_types, block_bytes), done):
                 yield RawBatch(batch, done + 2)
@@ -143,8 +146,6 @@ def read_raw_batches(
         except pa.ArrowInvalid as exc:
             first_error = first_error or exc
             continue
-        if attempt:
-            log.info("%s: timestamps mix UTC offsets and naive values; parsed both as UTC", path.name)
         return
     assert first_error is not None
     raise _explain_parse_error(path, cfg, columns, first_error, block_bytes, done) from first_error
@@ -218,7 +219,7 @@ def _explain_parse_error(
     message = str(exc).splitlines()[0]
     as_text = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                   include_columns=columns)
-    stamps = [cfg.timestamp, *cfg.datetimes]
+    stamps = [] if cfg.timestamp_format else [cfg.timestamp, *cfg.datetimes]  # else read as text
     numeric = [c for c in cfg.numerical + [cfg.target] if c in columns]
     done = 0
     try:
@@ -258,9 +259,14 @@ def _is_null_text(text: pd.Series) -> np.ndarray:
     return text.isna().to_numpy() | text.isin(NULL_TEXTS).to_numpy()
 
 
-def parse_timestamps(path: Path, name: str, column: pa.Array, first_line: int = 2) -> pa.Array:
-    """ISO timestamps with or without a UTC offset -> timestamp[ms, UTC]; a bad one is an error
-    naming its line (`first_line` is the file line of the column's first value)."""
+def parse_timestamps(
+    path: Path, name: str, column: pa.Array, first_line: int = 2, fmt: str | None = None
+) -> pa.Array:
+    """ISO timestamps with or without a UTC offset (or, with `fmt`, the config's declared
+    `timestamp_format`) -> timestamp[ms, UTC]; a bad one is an error naming its line
+    (`first_line` is the file line of the column's first value)."""
+    if fmt is not None:
+        return parse_formatted(path, name, column, first_line, fmt)
     target = pa.timestamp("ms", tz="UTC")
     for attempt in (pa.timestamp("us", tz="UTC"), pa.timestamp("us")):
         try:
@@ -274,10 +280,18 @@ def parse_timestamps(path: Path, name: str, column: pa.Array, first_line: int = 
     if error is None:  # every value is valid ISO, but offsets and naive values are mixed
         import pandas as pd
 
+        _note_mixed_offsets(path, name)
         text = column.to_pandas()
         parsed = pd.to_datetime(text, utc=True, format="ISO8601")
         return pc.cast(pa.array(parsed), target, safe=False)
     raise error
+
+
+@functools.cache
+def _note_mixed_offsets(path: Path, name: str) -> None:
+    """Said once per file and column: the values are right, but the log is inconsistent."""
+    log.info("%s: column %r mixes timestamps with a UTC offset and without; those without are "
+             "read as UTC", path.name, name)
 
 
 def _bad_timestamp_error(

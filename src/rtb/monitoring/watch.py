@@ -30,7 +30,6 @@ from rtb.data.make_dataset import read_partition
 from rtb.data.preprocessing import read_processed
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
-from rtb.features import HOUR
 from rtb.io_utils import EXISTS, read_yaml, write_yaml
 from rtb.models import registry
 from rtb.monitoring.drift import DriftThresholds, QualityLimits, drift_report, realised_quality
@@ -151,7 +150,7 @@ def run_monitor(
     else:
         start, end = interval
         names = [partitions.request_name(h) for h in partitions.hours_between(start, end)]
-        exclude = (HOUR,) if end - start < DAY else ()
+        exclude = (cfg.hour_feature,) if end - start < DAY else ()
     header = {
         "interval": None if interval is None else {"start": interval[0].isoformat(),
                                                    "end": interval[1].isoformat()},
