@@ -145,3 +145,18 @@ def test_the_report_describes_the_whole_window(batched, tmp_path) -> None:
     assert report["cv"]["rows"] == LIMITS.cv_max_rows and report["cv"]["of_rows"] == ROWS
     profile = yaml.safe_load(paths.profile(report["version"]).read_text())
     assert profile["rows"] < data["kept_rows"] and f"window's {ROWS}" in profile["features_from"]
+
+
+def test_a_long_holdout_is_its_latest_rows(batched) -> None:
+    """The holdout is bounded too: with holdout_max_rows below the latest 20%, it is the
+    latest rows (the same cut a window's holdout day gets), and the rest are early rows."""
+    frame = read_processed(batched.processed_arrow("train"), CFG, require_target=True, with_id=False)
+    capped = TrainingLimits(**{**LIMITS.__dict__, "holdout_max_rows": 500})
+    for starts in (None, frame[CFG.timestamp].quantile(0.5)):
+        rows = read_training_rows([batched.processed_arrow("train")], CFG, capped, seed=3,
+                                  starts=starts)
+        stamps = rows.frame[CFG.timestamp]
+        assert rows.plan.holdout_rows == rows.holdout.sum() == 500
+        assert rows.holdout[-500:].all() and not rows.holdout[:-500].any()  # the latest rows
+        assert stamps[rows.holdout].min() > stamps[~rows.holdout].max()
+        assert rows.plan.parts[1] == f"latest 500 rows, from {stamps[rows.holdout].min()}"

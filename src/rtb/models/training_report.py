@@ -206,6 +206,7 @@ def build_report(
             "holdout_rows": plan.holdout_rows,
             "kept_rows": len(frame),
             "read_negatives_kept_share": plan.negative_share,
+            "holdout_max_rows": limits.holdout_max_rows,
             "fit_max_negatives": limits.fit_max_negatives,
             "refit_max_negatives": limits.refit_max_negatives,
             "base_rate": plan.base_rate,

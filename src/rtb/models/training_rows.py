@@ -24,7 +24,7 @@ order both give the same `TrainingRows`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def time_holdout_split(
         raise RtbError(f"{source}: column {stamps.name!r}: every one of the {len(stamps)} rows has "
                        f"the timestamp {stamps.iloc[0]}; a time holdout needs rows from at least "
                        "two moments")
-    order = np.argsort(stamps.to_numpy(), kind="stable")
+    order = np.argsort(_instants(stamps), kind="stable")
     holdout = np.zeros(len(stamps), dtype=bool)
     holdout[order[int(len(stamps) * (1.0 - share)) :]] = True
     tied = int((stamps == cutoff).sum())
@@ -122,6 +122,19 @@ def time_holdout_split(
                 "input order", source, tied, 100 * tied / len(stamps), cutoff, 100 * share,
                 int(holdout.sum()))
     return holdout
+
+
+def latest_rows(stamps: pd.Series, holdout: np.ndarray, max_rows: int) -> np.ndarray:
+    """`holdout` itself, or its latest rows when it holds more than `max_rows`: the rows after
+    the moment that leaves at most `max_rows` (ties kept together, so there may be fewer;
+    if the latest moment alone holds more, the holdout stays as it is)."""
+    count = int(holdout.sum())
+    if count <= max_rows:
+        return holdout
+    values = _instants(stamps)
+    boundary = np.partition(values, len(values) - max_rows - 1)[len(values) - max_rows - 1]
+    latest = values > boundary
+    return latest if latest.any() else holdout
 
 
 def holdout_parts(share: float, starts: pd.Timestamp | None = None) -> tuple[str, str]:
@@ -148,6 +161,14 @@ def plan_sampling(
     from the kept ones exactly as they would from all of them."""
     holdout = time_holdout_split(stamps, limits.holdout_share, starts=starts, source=source)
     parts = holdout_parts(limits.holdout_share, starts)
+    latest = latest_rows(stamps, holdout, limits.holdout_max_rows)
+    if latest is not holdout:
+        first = stamps[latest].min()
+        log.info("%s: the holdout (%s) has %d rows; it is its latest %d, from %s (holdout_max_rows "
+                 "%d)", source, parts[1], int(holdout.sum()), int(latest.sum()), first,
+                 limits.holdout_max_rows)
+        holdout = latest
+        parts = (f"rows before {first}", f"latest {int(latest.sum())} rows, from {first}")
     _check_trainable(y, holdout, source, target, parts, limits.min_class_rows)
     negatives = max(1, int((y == 0).sum()))
     early_negatives = max(1, int((y[~holdout] == 0).sum()))
@@ -215,21 +236,24 @@ def read_training_rows(
     if not sources:
         raise RtbError("no processed hand-over to read")
     needed = needed_columns(cfg, require_target=True, with_id=False)
-    readers = [open_batches(path, "preprocess") for path in sources]
-    for path, reader in zip(sources, readers, strict=True):
-        check_columns(path, reader.schema.names, needed, cfg)
-    _check_layouts(sources, readers, needed)
+    schemas = [open_batches(path, "preprocess").schema for path in sources]
+    for path, schema in zip(sources, schemas, strict=True):
+        check_columns(path, schema.names, needed, cfg)
+    _check_layouts(sources, schemas, needed)
     source = str(sources[0]) if len(sources) == 1 else str(sources[0].parent)
 
-    # Pass 1: the timestamps and labels of every row.
-    labels = [reader.get_batch(i).select([cfg.timestamp, cfg.target])
-              for reader in readers for i in range(reader.num_record_batches)]
-    table = pa.Table.from_batches(labels, schema=labels[0].schema) if labels else None
-    if table is None or table.num_rows == 0:
+    # Pass 1: the timestamps and labels of every row, only those two columns read.
+    moments, labels = [], []
+    for path in sources:
+        for batch in _column_batches(path, [cfg.timestamp, cfg.target]):
+            # Copies: a view would keep the whole batch's body alive (see `_column_batches`).
+            moments.append(batch.column(0).to_numpy(zero_copy_only=False).copy())
+            labels.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int8))
+    if not sum(len(part) for part in labels):
         raise RtbError(f"{source}: no rows to train on")
-    stamps = _utc(table.column(cfg.timestamp).to_pandas())
-    y = table.column(cfg.target).to_numpy().astype(np.int8)
-    del table, labels
+    stamps = _utc(pd.Series(np.concatenate(moments)))
+    y = np.concatenate(labels)
+    del moments, labels
     plan, holdout = plan_sampling(stamps, y, limits, starts=starts, source=source,
                                   target=cfg.target)
     del stamps
@@ -241,15 +265,15 @@ def read_training_rows(
     kept_holdout, kept_draws = [], []
     early_seen = {name: _SeenLevels() for name in cfg.categorical}
     offset = 0
-    for reader in readers:
-        for i in range(reader.num_record_batches):
-            batch = unifier.unify(reader.get_batch(i).select(needed))
+    for path in sources:
+        for batch in _column_batches(path, needed):
+            batch = unifier.unify(batch)
             end = offset + batch.num_rows
             draws = generator.random(batch.num_rows)
             kept = _kept(y[offset:end], holdout[offset:end], draws, plan.negative_share)
             for name, seen in early_seen.items():
                 seen.add(batch.column(name), ~holdout[offset:end])
-            kept_batches.append(batch if kept.all() else batch.filter(pa.array(kept)))
+            kept_batches.append(batch.filter(pa.array(kept)))  # a copy, even of a whole batch
             kept_holdout.append(holdout[offset:end][kept])
             kept_draws.append(draws[kept])
             offset = end
@@ -261,12 +285,25 @@ def read_training_rows(
                           early_levels, cfg)
 
 
-def _check_layouts(sources: Sequence[Path], readers: list, needed: list[str]) -> None:
-    first = readers[0].schema
-    for path, reader in zip(sources[1:], readers[1:], strict=True):
+def _column_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's batches, decoded for `columns` only.
+
+    The reader still reads each batch's whole body into one buffer, and every column it
+    hands out is a slice of it: whatever is kept of a batch must be copied out, or the
+    bodies of all batches (the whole file) stay in memory."""
+    schema = open_batches(path, "preprocess").schema
+    options = pa.ipc.IpcReadOptions(included_fields=sorted(schema.get_field_index(c) for c in columns))
+    reader = pa.ipc.open_file(pa.OSFile(str(path)), options=options)
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i).select(columns)
+
+
+def _check_layouts(sources: Sequence[Path], schemas: list[pa.Schema], needed: list[str]) -> None:
+    first = schemas[0]
+    for path, schema in zip(sources[1:], schemas[1:], strict=True):
         for name in needed:
-            if reader.schema.field(name).type != first.field(name).type:
-                raise RtbError(f"{path}: column {name!r} is {reader.schema.field(name).type}, "
+            if schema.field(name).type != first.field(name).type:
+                raise RtbError(f"{path}: column {name!r} is {schema.field(name).type}, "
                                f"{first.field(name).type} in {sources[0]}: hand-overs of different "
                                "layouts; run `rtb preprocess` again for each")
 
@@ -296,6 +333,13 @@ class _SeenLevels:
         return seen_levels(pd.Series(pd.Categorical.from_codes(codes, dtype=dtype)))
 
 
+def _instants(stamps: pd.Series) -> np.ndarray:
+    """The timestamps as int64 ticks: a zone-aware Series' `to_numpy()` is an object array of
+    Timestamps, which costs 40x the memory and time to sort."""
+    return stamps.array.asi8 if isinstance(stamps.dtype, pd.DatetimeTZDtype) else (
+        stamps.to_numpy().astype("datetime64[ns]").view(np.int64))
+
+
 def _utc(stamps: pd.Series) -> pd.Series:
     return stamps.dt.tz_localize("UTC") if stamps.dt.tz is None else stamps
 
@@ -308,7 +352,7 @@ def _in_time_order(
     rows. A frame already in order is kept as it is, saving a copy."""
     stamps = frame[cfg.timestamp]
     if not stamps.is_monotonic_increasing:
-        order = np.argsort(stamps.to_numpy(), kind="stable")
+        order = np.argsort(_instants(stamps), kind="stable")
         frame = frame.take(order).reset_index(drop=True)
         holdout, draws = holdout[order], draws[order]
     log.info("kept %d of %s", len(frame), plan.describe())
