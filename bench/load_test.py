@@ -17,6 +17,13 @@ Usage:
     python bench/load_test.py --project-dir /tmp/x --duration 10 --batch-sizes 1
     python bench/load_test.py --project-dir /tmp/x --batch-sizes 1,100 --rates 1000,300
     python bench/load_test.py --url http://127.0.0.1:8000 --server-pid 1234
+    python bench/load_test.py --project-dir /tmp/x --serve-args "--workers 2" --batch-sizes 100
+    python bench/load_test.py --project-dir /tmp/x --scrape-interval 1   # GET /metrics each 1 s
+    python bench/load_test.py --project-dir /tmp/x --batch-sizes 1,1,1,1 --scrape-intervals 0,1,0,1
+
+With `--workers N` the RSS and CPU figures are those of the whole process tree (the parent
+and its workers). `--scrape-interval` scrapes /metrics on a connection of its own during
+each phase, so that a run with and one without it show what a scrape costs the requests.
 
 Request rows come from the project's data/raw/test_data.csv.gz when it exists (realistic
 levels and gaps), else from `raw_rows` of tests/support/raw_requests.py (test tooling, not
@@ -74,6 +81,8 @@ class PhaseResult:
     server_cpu_percent: float | None
     client_cpu_percent: float
     load_average: float
+    scrapes: int = 0
+    scrape_ms: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -142,14 +151,14 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, method: str = "POST") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             sock = self.writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -232,27 +241,63 @@ async def run_phase(host: str, port: int, bodies: list[bytes], rate: float, seco
     return latency, service, counts["ok"], counts["errors"], unfinished, samples
 
 
+async def scrape_metrics(host: str, port: int, interval: float, seconds: float) -> np.ndarray:
+    """GET /metrics every `interval` seconds for `seconds`, on a connection of its own;
+    returns each scrape's duration (s)."""
+    connection = Connection(host, port)
+    durations = []
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < seconds:
+            await asyncio.sleep(interval)
+            sent = time.perf_counter()
+            status, _ = await connection.post("/metrics", b"", method="GET")
+            if status == 200:
+                durations.append(time.perf_counter() - sent)
+    finally:
+        await connection.close()
+    return np.array(durations)
+
+
 # --------------------------------------------------------------------------- server process
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (`rtb serve --workers N` is a parent and N workers)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            text = Path(f"/proc/{pids[index]}/task/{pids[index]}/children").read_text()
+        except OSError:
+            text = ""
+        pids.extend(int(child) for child in text.split())
+        index += 1
+    return pids
+
+
 def rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    total = None
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024.0
+        except OSError:
+            continue
+    return total
 
 
 def cpu_seconds(pid: int | None) -> float | None:
     if pid is None:
         return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = None
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def free_port() -> int:
@@ -261,11 +306,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(project_dir: Path, model: Path | None, max_batch: int
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(project_dir: Path, model: Path | None, max_batch: int,
+                 extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "rtb.cli", "serve", "--project-dir", str(project_dir),
-               "--port", str(port), "--max-batch", str(max_batch)]
+               "--port", str(port), "--max-batch", str(max_batch), *(extra or [])]
     if model:
         command += ["--model", str(model)]
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rtb-serve-{port}.log"
@@ -279,6 +324,11 @@ def start_server(project_dir: Path, model: Path | None, max_batch: int
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
+            # With --workers the first worker listens before the others have loaded; wait for
+            # all of them, or every keep-alive connection would go to the first.
+            if "--workers" in (extra or []) and "workers serving on" not in log_path.read_text():
+                time.sleep(0.2)
+                continue
             log.info("server pid %d on %s (log %s)", process.pid, url, log_path)
             return process, url
         except OSError:
@@ -314,14 +364,18 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
     if args.warmup > 0:
         bodies = request_bodies(rows, 1, 200)
         await run_phase(host, port, bodies, args.rate, args.warmup, args.connections)
-    for batch, rate in zip(args.batch_sizes, args.rates, strict=True):
+    for batch, rate, interval in zip(args.batch_sizes, args.rates, args.scrape_intervals,
+                                     strict=True):
         bodies = request_bodies(rows, batch, 200)
         rss_start, cpu_start = rss_mb(pid), cpu_seconds(pid)
         client_start = time.process_time()
         started = time.perf_counter()
+        scraper = (asyncio.create_task(scrape_metrics(host, port, interval, args.duration))
+                   if interval else None)
         latency, service, ok, errors, unfinished, samples = await run_phase(
             host, port, bodies, rate, args.duration, args.connections
         )
+        scrapes = await scraper if scraper is not None else np.array([])
         elapsed = time.perf_counter() - started
         client_cpu = (time.process_time() - client_start) / elapsed
         cpu_end = cpu_seconds(pid)
@@ -344,6 +398,8 @@ async def main_async(args: argparse.Namespace, url: str, pid: int | None,
             client_cpu_percent=round(100 * client_cpu, 1),
             load_average=os.getloadavg()[0],
             error_samples=samples,
+            scrapes=len(scrapes),
+            scrape_ms=percentiles(scrapes),
         ))
         log.info("phase batch=%d done: %s", batch, results[-1])
     return results
@@ -370,6 +426,9 @@ def print_table(results: list[PhaseResult], rss_before: float | None) -> None:
         print(" ".join(cells))
         for sample in r.error_samples:
             print(f"    error sample: {sample}")
+        if r.scrapes:
+            print(f"    /metrics scrapes: {r.scrapes}, p50 {r.scrape_ms['p50']:.2f} ms, "
+                  f"max {r.scrape_ms['max']:.2f} ms")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -388,10 +447,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=None, help="requests/s per phase (default: --rate for all)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--serve-args", default="",
+                        help='extra `rtb serve` arguments, e.g. "--workers 2"')
+    parser.add_argument("--scrape-interval", type=float, default=0.0,
+                        help="GET /metrics every this many seconds during each phase (0: never)")
+    parser.add_argument("--scrape-intervals", type=lambda s: [float(x) for x in s.split(",")],
+                        default=None, help="one --scrape-interval per phase, e.g. 0,1,0,1 to "
+                        "alternate phases without and with scraping on the same server")
     args = parser.parse_args(argv)
     args.rates = args.rates or [args.rate] * len(args.batch_sizes)
     if len(args.rates) != len(args.batch_sizes):
         parser.error("--rates needs one rate per --batch-sizes entry")
+    args.scrape_intervals = args.scrape_intervals or [args.scrape_interval] * len(args.batch_sizes)
+    if len(args.scrape_intervals) != len(args.batch_sizes):
+        parser.error("--scrape-intervals needs one interval per --batch-sizes entry")
     if min(args.rates) <= 0 or args.duration <= 0 or args.duration > 600:
         parser.error("rates must be > 0 and --duration in (0, 600] seconds")
     return args
@@ -406,7 +475,10 @@ def main(argv: list[str] | None = None) -> None:
         check_loopback(urlsplit(args.url).hostname or "")
         url, pid = args.url, args.server_pid
     else:
-        process, url = start_server(project_dir, args.model, max(args.batch_sizes))
+        import shlex
+
+        process, url = start_server(project_dir, args.model, max(args.batch_sizes),
+                                    shlex.split(args.serve_args))
         pid = process.pid
     try:
         rows = load_rows(project_dir, 20_000)

@@ -428,6 +428,32 @@ def publish(
                 interval=_interval(interval_start, interval_end, required=False))
 
 
+@app.command()
+def uplift(
+    labels: Annotated[
+        Path, typer.Option("--labels", help="Labels of the logged requests: a raw labelled file or "
+                           "partition folder (CSV), or a processed .arrow/.parquet.")
+    ],
+    shadow_log: Annotated[
+        Path | None, typer.Option("--shadow-log", help="A shadow CSV or folder (default reports/shadow).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report YAML (default reports/uplift/uplift_<UTC>.yaml).")
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=10, help="Bootstrap rounds.")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    project_dir: ProjectDirOption = None,
+    dataset_config: DatasetOption = None,
+) -> None:
+    """Judge the shadow challenger against the champion on the logged rows, once labelled:
+    metrics and calibration per arm, bootstrap interval of the log-loss uplift."""
+    from rtb.dataset_config import load_dataset_config
+    from rtb.uplift import run_uplift
+
+    run_uplift(_paths(project_dir), load_dataset_config(dataset_config), shadow_log=shadow_log,
+               labels=labels, out=out, rounds=rounds, seed=seed)
+
+
 @app.command("check-model")
 def check_model(project_dir: ProjectDirOption = None) -> None:
     """Exit non-zero unless a verified champion model exists (the predict DAG's first gate)."""
@@ -449,11 +475,16 @@ def serve(
         int | None, typer.Option("--max-body-bytes", help="Default: 1 KiB per allowed row.")
     ] = None,
     dataset_config: DatasetOption = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes sharing the port (SO_REUSEPORT); "
+                          "each follows champion.yaml and ab.yaml.")
+    ] = 1,
 ) -> None:
-    """Serve the champion model over HTTP (POST /predict, GET /health, GET /model)."""
-    from rtb.serving.app import run_server
+    """Serve the champion model over HTTP (POST /predict, GET /health, GET /model, /metrics),
+    with the challenger of models/ab.yaml if there is one."""
+    from rtb.serving.app import ServeOptions, run_server
 
-    run_server(
+    run_server(ServeOptions(
         _paths(project_dir),
         host=host,
         port=port,
@@ -462,7 +493,8 @@ def serve(
         reload_seconds=reload_seconds,
         max_body_bytes=max_body_bytes,
         dataset_config=dataset_config,
-    )
+        workers=workers,
+    ))
 
 
 # What the log lines of a stage look like ($RTB_LOG_FORMAT). In a terminal or a file each line

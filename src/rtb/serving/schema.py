@@ -12,7 +12,7 @@ no request the schema allows but the service refuses, nor the other way round.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NotRequired, Required
+from typing import Annotated, Any, Literal, NotRequired, Required
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, with_config
 from typing_extensions import TypedDict
@@ -35,9 +35,13 @@ UNKNOWN_FIELD = "no such field: only the fields the schema lists"
 
 
 class PredictResponse(BaseModel):
-    """Probabilities of install, in request order, and the model version that produced them."""
+    """Probabilities of install, in request order, and the arm and model version that
+    produced them."""
 
     model: str = Field(description="Version of the model that scored the request.")
+    arm: Literal["champion", "challenger"] = Field(
+        description="Which arm answered: the challenger when models/ab.yaml splits traffic "
+        "and the request's id (its first row's, for a list) falls in the challenger's share.")
     probabilities: list[float]
 
 

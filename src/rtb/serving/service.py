@@ -24,6 +24,7 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import read_yaml
 from rtb.models import registry
+from rtb.serving.ab import AbConfig, ab_path, parse_ab
 from rtb.serving.scorer import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ def trained_at(version: str) -> str | None:
     return moment.isoformat() if moment else None
 
 
+def trained_at_seconds(version: str) -> float | None:
+    """The version's training time as a Unix timestamp (what a model's age is counted from)."""
+    moment = version_time(version)
+    return moment.timestamp() if moment else None
+
+
 def load_model(paths: ProjectPaths, entry: registry.ModelEntry, cfg: DatasetConfig, *,
                try_compile: bool = True) -> LoadedModel:
     """Verify, unpickle, build and check the scorer; RtbError with one line if anything fails."""
@@ -112,9 +119,22 @@ class ReloadResult:
         }
 
 
+@dataclass(frozen=True)
+class Challenger:
+    """The A/B file's config and the challenger model it names, swapped as one reference."""
+
+    config: AbConfig
+    model: LoadedModel
+
+    def describe(self) -> dict[str, object]:
+        return {**self.config.as_dict(), "scorer": self.model.scorer.kind,
+                "sha256": self.model.entry.sha256, "loaded_at": self.model.loaded_at}
+
+
 @dataclass
 class ScoringService:
-    """The current model and how to replace it when the champion pointer changes."""
+    """The current model and how to replace it when the champion pointer changes; the
+    challenger and how it follows `models/ab.yaml` (the same way)."""
 
     paths: ProjectPaths
     cfg: DatasetConfig
@@ -122,7 +142,10 @@ class ScoringService:
     pinned: bool = False
     try_compile: bool = True
     last_error: str | None = None
+    challenger: Challenger | None = None
+    last_ab_error: str | None = None
     _pointer_seen: tuple[int, int, int] | None = None
+    _ab_seen: tuple[int, int, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -136,8 +159,62 @@ class ScoringService:
             pinned=model_path is not None, try_compile=try_compile,
         )
         service._pointer_seen = pointer
+        service._ab_seen = _pointer_signature(service.ab_file)
+        if service._ab_seen is not None:  # a broken A/B file is an error before listening
+            config = parse_ab(service.ab_file)
+            service.challenger = Challenger(config, service._challenger_model(config))
         _freeze_heap()
         return service
+
+    @property
+    def ab_file(self) -> Path:
+        return ab_path(self.paths.models_dir)
+
+    def reload_ab(self, *, force: bool = False) -> ReloadResult:
+        """Follow `models/ab.yaml` as `reload` follows the champion pointer: a changed file
+        is parsed and its challenger loaded on the side, then swapped in one assignment; a
+        missing file means champion only; a broken one is logged and the old arms stay."""
+        with self._lock:
+            before = self.challenger
+            name = before.model.version if before else "none"
+            signature = _pointer_signature(self.ab_file)
+            if not force and signature == self._ab_seen:
+                return ReloadResult(False, name, detail="A/B file unchanged")
+            self._ab_seen = signature
+            if signature is None:
+                self.challenger, self.last_ab_error = None, None
+                if before is not None:
+                    log.info("A/B file %s removed: champion only", self.ab_file)
+                return ReloadResult(before is not None, "none", previous=name,
+                                    detail="no A/B file: champion only")
+            try:
+                config = parse_ab(self.ab_file)
+                if before is not None and before.config == config:
+                    self.last_ab_error = None
+                    return ReloadResult(False, name, detail="A/B config unchanged")
+                loaded = self._challenger_model(config, before)
+            except RtbError as exc:
+                self.last_ab_error = str(exc)
+                log.error("A/B reload failed, arms unchanged: %s", exc)
+                return ReloadResult(False, name, error=str(exc), detail="kept the current arms")
+            self.challenger = Challenger(config, loaded)  # the swap: one reference assignment
+            self.last_ab_error = None
+            _freeze_heap()
+            log.info("A/B: challenger %s, mode %s, share %g (was %s)", config.challenger,
+                     config.mode, config.share, name)
+            return ReloadResult(True, config.challenger, previous=name, detail=config.mode)
+
+    def _challenger_model(self, config: AbConfig, before: Challenger | None = None) -> LoadedModel:
+        """The challenger's model: reused when already loaded (or when it is the champion),
+        else verified against its training report and loaded."""
+        try:
+            entry = registry.resolve_model(self.paths, self.paths.model(config.challenger))
+        except RtbError as exc:
+            raise RtbError(f"{self.ab_file}: field 'challenger': {exc}") from exc
+        for loaded in (before.model if before else None, self.current):
+            if loaded is not None and loaded.entry.sha256 == entry.sha256:
+                return loaded
+        return load_model(self.paths, entry, self.cfg, try_compile=self.try_compile)
 
     def reload(self, *, force: bool = False) -> ReloadResult:
         """Swap to the champion if it changed. Blocking: run it off the event loop.
