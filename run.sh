@@ -303,6 +303,7 @@ case $command in
     predict) write_settings && run_dag predict_pipeline ;;
     serve)
         write_settings
+        mkdir -p reports/shadow  # the one folder the service writes (its shadow log)
         compose --profile serving up -d --wait --wait-timeout 120 scoring
         say "scoring service: http://localhost:$(setting SCORING_PORT 8000) (GET /health, POST /predict)"
         ;;

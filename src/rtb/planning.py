@@ -74,6 +74,7 @@ def _predict(paths: ProjectPaths, cfg: DatasetConfig, start: datetime, end: date
             "units": [{"name": "test", "args": ["--split", "test"]}],
             "predict_args": [[]],
             "monitor_args": ["--split", "test"],
+            "publish_args": [],
         }
     names = [partitions.request_name(hour)
              for hour in partitions.hours_between(start, end)]
@@ -83,6 +84,7 @@ def _predict(paths: ProjectPaths, cfg: DatasetConfig, start: datetime, end: date
         "units": [{"name": name, "args": ["--partition", name]} for name in names],
         "predict_args": [["--partition", name, *interval_args(start, end)] for name in names],
         "monitor_args": interval_args(start, end),
+        "publish_args": interval_args(start, end),
     }
 
 

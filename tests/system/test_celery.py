@@ -25,6 +25,7 @@ from .conftest import AirflowApi, Stack, running_stack
 pytestmark = pytest.mark.system
 
 WORKERS = 2
+PUBLISH_URL = "redis://redis:6379/1"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def celery_stack(tmp_path_factory: pytest.TempPathFactory):
         name="rtb-celery", image_tag="e2e-celery",
         # Files mode: the predict runs score the test split, one run after the other.
         # A dead worker's task fails after 30 s without heartbeats (default 300 s).
-        extra_env={"RTB_SAMPLE": "files", "AIRFLOW_TASK_HEARTBEAT_TIMEOUT": "30"},
+        # Predictions are published to the stack's own Redis (db 1; the broker uses db 0).
+        extra_env={"RTB_SAMPLE": "files", "AIRFLOW_TASK_HEARTBEAT_TIMEOUT": "30",
+                   "RTB_PUBLISH_REDIS_URL": PUBLISH_URL},
     ) as stack:
         yield stack
 
@@ -167,6 +170,29 @@ def test_tasks_spread_over_both_workers_and_predictions_are_written(
     assert len(proba) == len(test_df) > 0
     assert np.isfinite(proba).all() and ((proba >= 0.0) & (proba <= 1.0)).all()
     assert predictions[-1].with_suffix(".csv").is_file()
+
+
+def _redis_cli(stack: Stack, *args: str) -> str:
+    (redis,) = _containers(stack, "redis").values()
+    return subprocess.run(["docker", "exec", redis["Id"], "redis-cli", "-n", "1", *args],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def test_the_predict_runs_publish_their_scores_to_the_stacks_redis(celery_stack, celery_runs) -> None:
+    """With RTB_PUBLISH_REDIS_URL set, predict_pipeline ends with `publish` (on the stack's
+    network): every id of the newest prediction set is a key holding its score and model, once."""
+    predict_runs = [run for run in celery_runs if run.dag_id == "predict_pipeline"]
+    assert predict_runs and all("publish" in run.hosts for run in predict_runs), predict_runs
+    newest = sorted((celery_stack.root / "data/predictions").glob("predictions_*.csv"))[-1]
+    scored = pd.read_csv(newest, dtype={"id": str})
+    keys = _redis_cli(celery_stack, "--scan", "--pattern", "rtb:score:*").split()
+    assert len(keys) == len(set(keys)) == scored["id"].nunique() == len(scored)
+    sidecar = yaml.safe_load(newest.with_suffix(".yaml").read_text())
+    for row in scored.sample(5, random_state=0).itertuples():
+        value = json.loads(_redis_cli(celery_stack, "GET", f"rtb:score:{row.id}"))
+        assert value["p"] == pytest.approx(row.probability, rel=1e-6)
+        assert value["model"] == sidecar["model"]["version"]
+    assert 0 < int(_redis_cli(celery_stack, "TTL", keys[0])) <= 2 * 86400
 
 
 def _predictions(stack: Stack) -> set[str]:

@@ -150,9 +150,21 @@ def test_scoring_service_serves_the_champion(stack, predicted_run) -> None:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         answer = json.load(response)
-    assert answer["model"] == champion["version"]
+    assert answer["model"] == champion["version"] and answer["arm"] == "champion"
     assert len(answer["probabilities"]) == 3
     assert all(0.0 <= p <= 1.0 for p in answer["probabilities"])
+
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert re.search(r'rtb_requests_total\{.*endpoint="/predict".*\} 1\.0', metrics), metrics[:2000]
+    # The one folder the service may write: the shadow log's, as the host user.
+    probe = stack.run_sh("compose", "exec", "-T", "scoring", "python", "-c",
+                         "open('/project/reports/shadow/.probe', 'w').write('ok')", timeout=120)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert (stack.root / "reports/shadow/.probe").read_text() == "ok"
+    denied = stack.run_sh("compose", "exec", "-T", "scoring", "python", "-c",
+                          "open('/project/models/.probe', 'w')", timeout=120)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
 
 
 def test_corrupt_training_input_fails_at_make_dataset_and_keeps_the_model(api, stack, trained_run) -> None:

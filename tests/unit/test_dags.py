@@ -10,6 +10,7 @@ the venv; importing Airflow takes a few seconds.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -80,11 +81,18 @@ FORBIDDEN_IMPORTS = {
 
 @pytest.fixture(scope="module")
 def dagbag(tmp_path_factory: pytest.TempPathFactory):
+    with _parsed(tmp_path_factory, HOST_ENV) as bag:
+        yield bag
+
+
+@contextlib.contextmanager
+def _parsed(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]):
+    """The DAG folder as the dag-processor parses it with `env` in the environment."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow_home")))
         mp.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "false")
         mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_DIR))
-        for name, value in HOST_ENV.items():
+        for name, value in env.items():
             mp.setenv(name, value)
         # The DAG files read the environment at import; drop a copy cached by another test.
         for module in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
@@ -92,6 +100,8 @@ def dagbag(tmp_path_factory: pytest.TempPathFactory):
         from airflow.dag_processing.dagbag import BundleDagBag
 
         yield BundleDagBag(dag_folder=DAGS_DIR, bundle_path=DAGS_DIR)
+        for module in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+            mp.delitem(sys.modules, module)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +251,7 @@ PREDICT_PLAN = {
         ["--partition", name, "--interval-start", START, "--interval-end", END] for name in HOURS
     ],
     "monitor_args": ["--interval-start", START, "--interval-end", END],
+    "publish_args": ["--interval-start", START, "--interval-end", END],
 }
 
 
@@ -256,6 +267,31 @@ def test_a_plan_becomes_one_command_per_partition(common) -> None:
     assert units[1]["predicting"][-4:] == ["--run-id", "scheduled__x", "--project-dir", "/project"]
     single = common.run_commands_from_plan(plan, run_id="scheduled__x")
     assert single["monitor"][0] == "monitor" and "--run-id" in single["monitor"]
+    assert single["publish"] == ["publish", "--interval-start", START, "--interval-end", END,
+                                 "--project-dir", "/project"]
+
+
+def test_publishing_adds_a_networked_task_after_predicting(tmp_path_factory) -> None:
+    """Only with RTB_PUBLISH_REDIS_URL set: `publish` after `predicting`, the one container on
+    a network (the stack's, where its Redis is), with the URL, and models/ read-only."""
+    env = HOST_ENV | {"RTB_PUBLISH_REDIS_URL": "redis://redis:6379/1",
+                      "RTB_PUBLISH_TTL_SECONDS": "3600", "RTB_PUBLISH_NETWORK": "rtb-test_default"}
+    with _parsed(tmp_path_factory, env) as bag:
+        assert bag.import_errors == {}
+        dag = bag.dags["predict_pipeline"]
+        edges = {(task.task_id, down) for task in dag.tasks for down in task.downstream_task_ids}
+        added = {("predicting", "publish"), ("commands", "publish")}
+        assert edges == EXPECTED["predict_pipeline"]["edges"] | added
+        publish = dag.get_task("publish")
+        assert publish.network_mode == "rtb-test_default"
+        assert publish.environment["RTB_PUBLISH_REDIS_URL"] == "redis://redis:6379/1"
+        assert publish.environment["RTB_PUBLISH_TTL_SECONDS"] == "3600"
+        assert [m["ReadOnly"] for m in publish.mounts if m["Target"].endswith("/models")] == [True]
+        others = [task for task in _docker_tasks(dag) if task.task_id != "publish"]
+        assert {task.task_id for task in others} == EXPECTED["predict_pipeline"]["docker"]
+        for task in others:
+            assert _setting(task, "network_mode") == "none", task.task_id
+            assert "RTB_PUBLISH_REDIS_URL" not in _setting(task, "environment"), task.task_id
 
 
 def test_the_single_file_mode_keeps_todays_commands(common) -> None:

@@ -133,6 +133,7 @@ def test_plan_predict_lists_the_hours_of_the_interval(
         "units": [{"name": name, "args": ["--partition", name]} for name in names],
         "predict_args": [["--partition", name, *interval] for name in names],
         "monitor_args": interval,
+        "publish_args": interval,
     }
     assert all((paths.raw_dir / marker).is_file() for marker in plan["wait_for"])
 
@@ -148,6 +149,7 @@ def test_plan_predict_without_request_partitions_is_files_mode(
     assert plan["wait_for"] == [CFG.files["test"]]
     assert plan["units"] == [{"name": "test", "args": ["--split", "test"]}]
     assert plan["predict_args"] == [[]] and plan["monitor_args"] == ["--split", "test"]
+    assert plan["publish_args"] == []
 
 
 def test_plan_train_units_are_the_complete_days_and_the_awaited_newest_one(

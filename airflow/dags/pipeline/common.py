@@ -49,6 +49,9 @@ JOB_IMAGE = os.environ.get("RTB_JOB_IMAGE", "rtb-pipeline-job:latest")
 HOST_PROJECT_DIR = os.environ.get("RTB_HOST_PROJECT_DIR", "/opt/rtb-pipeline")
 HOST_USER = f"{os.environ.get('RTB_HOST_UID', '1000')}:{os.environ.get('RTB_HOST_GID', '1000')}"
 STACK = os.environ.get("RTB_STACK", "rtb-pipeline")
+# Publishing prediction sets to Redis is optional: set, predict_pipeline ends with `publish`.
+PUBLISH_REDIS_URL = os.environ.get("RTB_PUBLISH_REDIS_URL", "")
+PUBLISH_NETWORK = os.environ.get("RTB_PUBLISH_NETWORK", "bridge")
 CONTAINER_PROJECT_DIR = "/project"
 RAW_CONNECTION = "rtb_raw"  # an fs connection whose path is data/raw as Airflow's services see it
 PARTITION_WAIT_SECONDS = int(os.environ.get("RTB_PARTITION_WAIT_SECONDS", "3600"))
@@ -57,6 +60,7 @@ PARTITION_POKE_SECONDS = int(os.environ.get("RTB_PARTITION_POKE_SECONDS", "30"))
 JOB_SETTINGS = ("RTB_TRAIN_WINDOW_DAYS", "RTB_RETENTION_DAYS", "RTB_DRIFT_PSI",
                 "RTB_DRIFT_UNSEEN_SHARE", "RTB_DRIFT_MIN_ROWS", "RTB_QUALITY_CALIBRATION_LOW",
                 "RTB_QUALITY_CALIBRATION_HIGH")
+PUBLISH_SETTINGS = ("RTB_PUBLISH_REDIS_URL", "RTB_PUBLISH_TTL_SECONDS")
 
 # The promoted model: train_pipeline's training task updates it (or leaves it as it was).
 MODEL_ASSET = Asset(name="rtb_champion_model", uri="file:///project/models/champion.yaml")
@@ -246,6 +250,16 @@ def rtb_command_task(task_id: str, command: Any, *, models_read_only: bool = Fal
                           **extra)
 
 
+def rtb_publish_task(task_id: str, command: Any) -> RtbJobOperator:
+    """`rtb publish`: the one stage that needs a network (the Redis at RTB_PUBLISH_REDIS_URL),
+    so its container joins this stack's network; it reads predictions, never models."""
+    settings = job_settings(task_id, models_read_only=True)
+    settings["environment"] |= {name: os.environ[name] for name in PUBLISH_SETTINGS
+                                if os.environ.get(name)}
+    settings["network_mode"] = PUBLISH_NETWORK
+    return stage_operator(RtbJobOperator, task_id=task_id, command=command, settings=settings)
+
+
 def trigger_training(task_id: str, *, reason_from: str) -> TriggerDagRunOperator:
     """Start a train_pipeline run now, with the reason (the XCom of `reason_from`) in its conf,
     which the run passes to `rtb train --trigger-reason` for its report."""
@@ -325,7 +339,8 @@ def run_commands_from_plan(
 ) -> dict[str, list[str]]:
     """The commands of the run's single tasks (monitor; training and retention)."""
     if plan["kind"] == "predict":
-        return {"monitor": with_project("monitor", *plan["monitor_args"], "--run-id", run_id)}
+        return {"monitor": with_project("monitor", *plan["monitor_args"], "--run-id", run_id),
+                "publish": with_project("publish", *plan["publish_args"])}
     reason = ["--trigger-reason", trigger_reason] if trigger_reason else []
     return {
         "training": with_project("train", *plan["train_args"], *reason),

@@ -16,6 +16,8 @@ Scores the ad requests of each hour with the champion model, one run per data in
    calibration of days whose labels arrived; `reports/drift/...`, `reports/quality/...`.
 6. `retrain_needed` -> `trigger_training`: a drift or staleness past its threshold triggers
    `train_pipeline` (once per champion), with the reason in its conf and report.
+7. `publish` (only when `RTB_PUBLISH_REDIS_URL` is set): `rtb publish` writes the interval's
+   prediction sets to Redis, `<prefix>score:<id>`, once per set (a re-run does not rewrite).
 
 `models/` is mounted read-only in this DAG, so predicting can never change a model.
 """
@@ -26,10 +28,12 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, task
 from pipeline.common import (
     DEFAULT_ARGS,
     INTERVAL_ARGS,
+    PUBLISH_REDIS_URL,
     plan_driven_stages,
     read_plan,
     rtb_command_task,
     rtb_mapped,
+    rtb_publish_task,
     rtb_task,
     trigger_training,
 )
@@ -70,3 +74,5 @@ with DAG(
     check_model >> plan
     stages["preprocessing"] >> predicting >> monitor
     reason >> retrain
+    if PUBLISH_REDIS_URL:
+        predicting >> rtb_publish_task("publish", stages["commands"]["publish"])
