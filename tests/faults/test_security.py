@@ -198,12 +198,26 @@ def test_job_containers_default_to_a_non_root_user_and_no_network() -> None:
     assert defaults.get("RTB_HOST_UID") not in (None, "0", "root"), defaults
 
     # Stages are built by the target factory (targets.py: the DockerOperator, or a pod), once
-    # plus the mapped form, and always from job_settings.
+    # plus the mapped form, and always from job_settings. The one stage on a network is
+    # `publish` (rtb_publish_task: it must reach Redis): job_settings() with its network set to
+    # the stack's and nothing else loosened.
     builders = [call for call in _calls(tree) if _name(call.func) in ("stage_operator", "stage_partial")]
-    assert sorted(_name(call.func) for call in builders) == ["stage_operator", "stage_partial"]
+    expected = ["stage_operator", "stage_operator", "stage_partial"]
+    assert sorted(_name(call.func) for call in builders) == expected
+    (publish,) = [node for node in ast.walk(tree)
+                  if isinstance(node, ast.FunctionDef) and node.name == "rtb_publish_task"]
     for call in builders:
-        settings = [kw.value for kw in call.keywords if kw.arg == "settings"]
-        assert [_name(value.func) for value in settings] == ["job_settings"], "settings: job_settings()"
+        (value,) = [kw.value for kw in call.keywords if kw.arg == "settings"]
+        if isinstance(value, ast.Call):
+            assert _name(value.func) == "job_settings", "settings: job_settings()"
+        else:
+            assert any(call is inner for inner in _calls(publish)), "settings: job_settings()"
+    assigned = [node for node in ast.walk(publish) if isinstance(node, ast.Assign)]
+    assert [_name(node.value.func) for node in assigned if isinstance(node.value, ast.Call)] == [
+        "job_settings"]
+    changed = [(node.targets[0].slice.value, node.value.id) for node in assigned
+               if isinstance(node.targets[0], ast.Subscript)]
+    assert changed == [("network_mode", "PUBLISH_NETWORK")]
     targets = ast.parse(TARGETS.read_text(), filename=str(TARGETS))
     for call in _calls(targets):  # the docker target passes the settings on unchanged
         if _name(call.func) in ("docker_class", "partial"):
@@ -260,4 +274,6 @@ def test_job_image_and_scoring_service_run_unprivileged() -> None:
     scoring = compose["services"]["scoring"]
     uid = _interpolate(str(scoring["user"]), {}).split(":")[0]
     assert uid not in ("", "0", "root"), scoring["user"]
-    assert all(str(v).endswith(":ro") for v in scoring.get("volumes") or []), scoring.get("volumes")
+    # Read-only, but for the folder of its shadow log (reports/shadow, see rtb.serving.shadow).
+    writable = [str(v) for v in scoring.get("volumes") or [] if not str(v).endswith(":ro")]
+    assert writable == ["./reports/shadow:/project/reports/shadow"], scoring.get("volumes")
