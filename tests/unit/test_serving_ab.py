@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -329,7 +330,11 @@ def test_a_reload_of_the_ab_file_under_load_drops_no_request(paths, serve) -> No
         wait_for(lambda info: info["ab"] is not None, "the A/B file was not picked up")
         time.sleep(0.5)
         split_seen = len(seen)
-        ab_path(paths.models_dir).write_text("version: 2\n")  # broken: the arms stay
+        # Broken (the arms stay), and written in one rename: a write in place can be seen half
+        # done by a poll and then again whole, two failed reloads for one edit.
+        broken = ab_path(paths.models_dir).with_name("ab.yaml.new")
+        broken.write_text("version: 2\n")
+        os.replace(broken, ab_path(paths.models_dir))
         wait_for(lambda info: info["last_ab_error"], "the broken A/B file was not noticed")
         time.sleep(0.5)
         broken_seen = len(seen)
