@@ -18,10 +18,9 @@ import os
 import re
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
+from support.live_service import wait_ready
 from test_serving_api import V1, fit, free_port, publish, rtb_serve
 
 from rtb.config import ProjectPaths
@@ -45,16 +44,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory):
                         "--reload-seconds", "0")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline, "rtb serve did not start"
-            time.sleep(0.2)
+        wait_ready(process, base, timeout=60)
         yield base, root
     finally:
         process.terminate()

@@ -19,6 +19,7 @@ import joblib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from support.live_service import wait_ready
 from support.raw_requests import raw_rows
 
 from rtb.config import ProjectPaths
@@ -333,18 +334,8 @@ def test_hot_swap_under_load_drops_no_request(paths: ProjectPaths, models) -> No
     process = rtb_serve(paths, "--port", str(port), "--reload-seconds", "0.3")
     base = f"http://127.0.0.1:{port}"
     try:
+        wait_ready(process, base, timeout=60)
         with httpx.Client(base_url=base, timeout=10) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
-
             seen: list[tuple[int, str | None]] = []
             stop = threading.Event()
 
