@@ -5,7 +5,8 @@ Stage cores are synchronous functions from data to results. Where a stage's wrap
 independent work (hash a file while it is parsed, load a model while the input is read,
 cross-validate while the refitted model is written), it hands the pieces to `in_parallel`;
 where a stream of batches is parsed and then checked and written, `prefetched` parses the
-next batch while the current one is handled.
+next batch while the current one is handled; where every item of a stream needs the same
+costly step (format a batch as CSV text), `in_order` runs it on several items at once.
 The heavy parts run in numpy, Arrow, zlib and sklearn kernels that release the GIL, so two
 threads use both cores.
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _DONE = object()
 
 
@@ -81,3 +84,26 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         producer.join()
+
+
+def in_order(work: Callable[[T], R], items: Iterable[T], *, threads: int = 2,
+             ahead: int = 4) -> Iterator[R]:
+    """`work(item)` for every item, run on `threads` threads with at most `ahead` items in
+    flight; the results in the order of the items.
+
+    For kernels that release the GIL (Arrow's CSV formatting, numpy), so the items of one
+    stream use every core while memory stays bounded by `ahead` results. The items are drawn
+    on the consumer's thread. When the consumer stops early or `work` raises, the items not
+    yet started are cancelled and the running ones waited for, so no thread outlives it.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rtb-work")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            while len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,13 +1,14 @@
-"""prefetched: items in order, the producer's error at its item, no thread left behind."""
+"""prefetched and in_order: items in order, an error at its item, no thread left behind."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from rtb.overlap import prefetched
+from rtb.overlap import in_order, prefetched
 
 
 def _counting(n: int, fail_at: int | None = None) -> Iterator[int]:
@@ -50,3 +51,49 @@ def test_a_consumer_that_stops_early_stops_the_producer() -> None:
     stream.close()
     assert _prefetch_threads() == 0
     assert len(produced) <= 3 + 2 + 1  # at most `depth` (and the one being put) ahead
+
+
+def _work_threads() -> int:
+    return sum(thread.name.startswith("rtb-work") for thread in threading.enumerate())
+
+
+def test_in_order_keeps_the_order_when_later_items_finish_first() -> None:
+    def slow_for_small(item: int) -> int:
+        time.sleep(0.002 * (20 - item % 20))  # item 0 of each run of 20 takes longest
+        return item * item
+
+    assert list(in_order(slow_for_small, range(60), threads=3, ahead=5)) == [i * i for i in range(60)]
+    assert _work_threads() == 0
+
+
+def test_in_order_raises_the_works_error_at_its_item_and_starts_no_more() -> None:
+    started: list[int] = []
+
+    def work(item: int) -> int:
+        started.append(item)
+        if item == 5:
+            raise ValueError("bad item 5")
+        return item
+
+    seen = []
+    with pytest.raises(ValueError, match="bad item 5"):
+        for result in in_order(work, range(1000), threads=2, ahead=3):
+            seen.append(result)
+    assert seen == list(range(5))
+    assert max(started) <= 5 + 3 + 2  # at most `ahead` queued and `threads` running past it
+    assert _work_threads() == 0
+
+
+def test_in_order_holds_at_most_ahead_items_in_flight() -> None:
+    drawn: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(100):
+            drawn.append(i)
+            yield i
+
+    results = in_order(lambda item: item, items(), threads=2, ahead=4)
+    assert next(results) == 0
+    assert len(drawn) == 5  # the first result is handed out once `ahead` more are queued
+    results.close()
+    assert _work_threads() == 0

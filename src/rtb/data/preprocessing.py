@@ -16,21 +16,21 @@ full disk or a kill leaves the previous pair as it was).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 import pyarrow.feather as feather
 
 from rtb.config import ProjectPaths
+from rtb.csv_export import write_csv_batches
 from rtb.data.make_dataset import DictionaryUnifier, IpcBatchWriter, open_batches
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the stage runs on Arrow alone; pandas is imported by the re
     import pandas as pd
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def preprocess(interim: pa.Table, cfg: DatasetConfig, *, source: str = "interim") -> pa.Table:
@@ -100,51 +101,36 @@ def write_processed_batches(
     dictionary per column, so pandas converts without unifying one per batch on every read);
     both are renamed into place after both were written. The number of rows written.
 
-    Arrow's CSV writer and the IPC writer both run without the GIL: each writes batch `i` on
-    its own thread while the next batch is derived, so at most three batches are in memory."""
+    Each batch is appended to the hand-over as it is derived; its CSV text is formatted on
+    both cores by `write_csv_batches` while the next batches are derived."""
     with (atomic_path(csv_path, overwrite=True) as csv_tmp,
-          atomic_path(arrow_path, overwrite=True) as arrow_tmp,
-          ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as pool):
+          atomic_path(arrow_path, overwrite=True) as arrow_tmp):
         hand_over = IpcBatchWriter(arrow_tmp, metadata)
-        text: pcsv.CSVWriter | None = None
-        pending: list[Future[None]] = []
+        stream = iter(batches)
         try:
-            for batch in batches:
-                plain = pa.record_batch([_as_plain(c) for c in batch.columns], names=batch.schema.names)
-                if text is None:
-                    text = pcsv.CSVWriter(str(csv_tmp), plain.schema)
-                for future in pending:
-                    future.result()
-                pending = [pool.submit(_writing, csv_path, text.write_batch, plain),
-                           pool.submit(_writing, arrow_path, hand_over.write, batch)]
-            for future in pending:
-                future.result()
+            first = next(stream, None)
+            if first is None:
+                raise RtbError(f"{arrow_path}: nothing to write (no rows)")
+
+            def handed_over() -> Iterator[pa.RecordBatch]:
+                for batch in itertools.chain([first], stream):
+                    _writing(arrow_path, hand_over.write, batch)
+                    yield batch
+
+            _writing(csv_path, write_csv_batches, csv_tmp, first.schema, handed_over())
         except BaseException:
-            for future in pending:
-                future.exception()  # let the writers finish before their files are closed
             hand_over.abandon()
-            if text is not None:
-                text.close()
             raise
-        if text is None:
-            raise RtbError(f"{arrow_path}: nothing to write (no rows)")
-        _writing(csv_path, text.close)
         return _writing(arrow_path, hand_over.close)
 
 
-def _writing(final: Path, write: Callable[..., object], *args: object) -> object:
-    """Run one of two concurrent writes; a failure names its own file (both run inside both
-    files' atomic blocks, so the blocks cannot tell whose error it is)."""
+def _writing(final: Path, write: Callable[..., T], *args: object) -> T:
+    """Run one of the two writes; a failure names its own file (both run inside both files'
+    atomic blocks, so the blocks cannot tell whose error it is)."""
     try:
         return write(*args)
     except OSError as exc:
         raise RtbError(f"{final}: write failed ({exc.strerror or exc})") from exc
-
-
-def _as_plain(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    if pa.types.is_dictionary(column.type):
-        return pc.cast(column, column.type.value_type)
-    return column
 
 
 def run_preprocess(paths: ProjectPaths, split: str, cfg: DatasetConfig) -> Path:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 
 from rtb.config import ProjectPaths, claimed_version, new_version
+from rtb.csv_export import write_csv_batches
 from rtb.data.preprocessing import ScoringBatches, read_scoring_batches
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
@@ -185,15 +185,20 @@ def _write_set_files(
 def _write_chunks(npy_path: Path, csv_path: Path, chunks: Chunks, rows: int) -> Scored:
     done, total = 0, 0.0
     schema = pa.schema([("id", pa.string()), ("probability", pa.float64())])
-    with open(npy_path, "wb") as npy_out, pcsv.CSVWriter(str(csv_path), schema) as csv_out:
+    with open(npy_path, "wb") as npy_out:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
                   "fortran_order": False, "shape": (rows,)}
         np.lib.format.write_array_header_1_0(npy_out, header)  # what np.save writes
-        for ids, probabilities in chunks:
-            npy_out.write(np.ascontiguousarray(probabilities, dtype=np.float64).tobytes())
-            csv_out.write_table(pa.table([pc.cast(ids, pa.string()), pa.array(probabilities)],
-                                         schema=schema))
-            done, total = done + len(probabilities), total + float(probabilities.sum())
+
+        def rows_of_csv() -> Iterator[pa.RecordBatch]:
+            nonlocal done, total
+            for ids, probabilities in chunks:
+                npy_out.write(np.ascontiguousarray(probabilities, dtype=np.float64).tobytes())
+                done, total = done + len(probabilities), total + float(probabilities.sum())
+                yield pa.record_batch([pc.cast(ids, pa.string()), pa.array(probabilities)],
+                                      schema=schema)
+
+        write_csv_batches(csv_path, schema, rows_of_csv())
     if done != rows:
         raise RtbError(f"{npy_path.name}: {rows} rows announced, {done} written")
     return Scored(done, total / done if done else None)
