@@ -17,7 +17,13 @@ from rtb.dataset_config import load_dataset_config
 from rtb.errors import RtbError
 from rtb.features import feature_frame, rows_frame
 from rtb.models.pipeline import LogitRecalibrated, build_pipeline
-from rtb.models.report_plots import KINDS, _reliability_figure, feature_names, write_report_plots
+from rtb.models.report_plots import (
+    HOLDOUT_KINDS,
+    KINDS,
+    _reliability_figure,
+    feature_names,
+    write_report_plots,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROWS = 3000
@@ -106,6 +112,20 @@ def test_writes_four_pngs_for_each_model_family(fitted, tmp_path, name, caplog) 
         )
     _assert_pngs(paths, ProjectPaths(tmp_path).reports_dir, version)
     assert all(str(path) in caplog.text for path in paths)
+
+
+def test_holdout_plots_first_without_a_model_then_importance(fitted, tmp_path) -> None:
+    """How training draws them: the holdout's three beside the refit, importance after it."""
+    paths, name = ProjectPaths(tmp_path), "gbm_target_encoded"
+    y, p, model = fitted["y"], fitted["p"][name], fitted["models"][name]
+    with pytest.raises(ValueError, match="a model for importance"):
+        write_report_plots(paths, "v", y, p, None)
+    first = write_report_plots(paths, "v", y, p, None, fitted["p"], kinds=HOLDOUT_KINDS)
+    assert not paths.report_plot("v", "importance").exists()
+    last = write_report_plots(paths, "v", y, p, model, kinds=("importance",))
+    _assert_pngs(first + last, paths.reports_dir, "v")
+    with pytest.raises(RtbError, match="report_v_importance.png.*never overwritten"):
+        write_report_plots(paths, "v", y, p, model, kinds=("importance",))
 
 
 def test_refuses_to_overwrite_a_version(fitted, tmp_path) -> None:

@@ -29,7 +29,7 @@ from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
 from rtb.models.pipeline import CANDIDATES
 from rtb.models.promotion import compare_with_champion, promotion_line
-from rtb.models.report_plots import write_report_plots
+from rtb.models.report_plots import HOLDOUT_KINDS, write_report_plots
 from rtb.models.training import (
     DEFAULT_LIMITS,
     Selection,
@@ -38,7 +38,7 @@ from rtb.models.training import (
     refit_on_all_rows,
     select_model,
 )
-from rtb.models.training_report import build_report
+from rtb.models.training_report import baseline_comparison, build_report
 from rtb.models.training_rows import read_training_rows
 from rtb.monitoring.profile import build_profile, new_level_shares, profile_training_window
 from rtb.overlap import in_parallel
@@ -193,13 +193,17 @@ def run_training(
     with claimed_version(paths.models_dir, taken) as version:
         written: list[Path] = []
         try:
-            # The cross-validation and the drift profile only feed reports: they run while the
-            # model is refitted, pickled and drawn.
-            (cv, profile), (model, refit, entry) = in_parallel(
-                lambda: (cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits),
-                         reference_profile(selection, cfg, version)),
+            # What only feeds the report (cross-validation, drift profile, the holdout's plots,
+            # the bootstrap against the baseline) runs while the model is refitted and pickled;
+            # the importance plot needs the refitted model and is drawn after (matplotlib draws
+            # one figure at a time).
+            (cv, profile), (model, refit, entry, comparison) = in_parallel(
+                lambda: _report_side(paths, cfg, selection, version, cv_folds, seed, limits, written),
                 lambda: _refit_and_persist(paths, cfg, selection, version, seed, limits, written),
             )
+            written += write_report_plots(paths, version, selection.y_holdout,
+                                          selection.selected.holdout_probabilities, model,
+                                          kinds=("importance",))
             profile_path = paths.profile(version)
             write_yaml(profile_path, profile)
             written.append(profile_path)
@@ -216,8 +220,8 @@ def run_training(
                     "profile": profile_path.name,
                 }
                 report = build_report(
-                    version, cfg, selection, model=model, cv=cv, refit=refit, decision=decision,
-                    limits=limits, seed=seed, seconds=time.perf_counter() - started,
+                    version, cfg, selection, model=model, cv=cv, comparison=comparison, refit=refit,
+                    decision=decision, limits=limits, seconds=time.perf_counter() - started,
                     artifacts=artifacts,
                 )
                 if data is not None:
@@ -240,6 +244,32 @@ def run_training(
     return report_path
 
 
+def _report_side(
+    paths: ProjectPaths,
+    cfg: DatasetConfig,
+    selection: Selection,
+    version: str,
+    cv_folds: int,
+    seed: int,
+    limits: TrainingLimits,
+    written: list[Path],
+) -> tuple[dict[str, object], dict[str, object]]:
+    """The cross-validation, the drift profile and the holdout's plots (appended to
+    `written`): what the report needs of the selection, not of the refit."""
+    cv = cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits)
+    profile = reference_profile(selection, cfg, version)
+    written += write_report_plots(
+        paths,
+        version,
+        selection.y_holdout,
+        selection.selected.holdout_probabilities,
+        None,
+        {r.name: r.holdout_probabilities for r in selection.candidates},
+        kinds=HOLDOUT_KINDS,
+    )
+    return cv, profile
+
+
 def _refit_and_persist(
     paths: ProjectPaths,
     cfg: DatasetConfig,
@@ -248,9 +278,10 @@ def _refit_and_persist(
     seed: int,
     limits: TrainingLimits,
     written: list[Path],
-) -> tuple[object, dict[str, object], registry.ModelEntry]:
-    """Refit the selected model on all rows, pickle it and draw its plots (appending every
-    file written to `written`, for the caller's rollback)."""
+) -> tuple[object, dict[str, object], registry.ModelEntry, dict[str, object]]:
+    """Refit the selected model on all rows and pickle it (appending the file to `written`,
+    for the caller's rollback); then the bootstrap against the baseline, which this side has
+    time for while the other cross-validates."""
     model, refit = refit_on_all_rows(selection, cfg, seed=seed, limits=limits)
     model_path = paths.model(version)
     with atomic_path(model_path) as tmp:
@@ -259,12 +290,4 @@ def _refit_and_persist(
     entry = registry.ModelEntry(
         model_path, version, sha256_file(model_path), selection.selected.holdout["log_loss"]
     )
-    written += write_report_plots(
-        paths,
-        version,
-        selection.y_holdout,
-        selection.selected.holdout_probabilities,
-        model,
-        {r.name: r.holdout_probabilities for r in selection.candidates},
-    )
-    return model, refit, entry
+    return model, refit, entry, baseline_comparison(selection, seed)

@@ -11,7 +11,7 @@ no figures. Every file is written atomically and never overwrites an earlier run
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from rtb.models.metrics import reliability_table
 log = logging.getLogger(__name__)
 
 KINDS = ("roc", "reliability", "deciles", "importance")
+HOLDOUT_KINDS = KINDS[:3]  # drawn from the holdout's probabilities alone
 RELIABILITY_BINS = 10
 DECILES = 10
 TOP_FEATURES = 20
@@ -47,19 +48,26 @@ def write_report_plots(
     version: str,
     y_holdout: np.ndarray,
     p_holdout: np.ndarray,
-    model: Pipeline,
+    model: Pipeline | None,
     candidates: Mapping[str, np.ndarray] | None = None,
+    *,
+    kinds: Sequence[str] = KINDS,
 ) -> list[Path]:
-    """Write the ROC, reliability, decile and importance PNGs of one model version.
+    """Write the ROC, reliability, decile and importance PNGs of one model version (or the
+    `kinds` of them asked for: the holdout's three need no `model`, so training draws them
+    before its refit is done, and the importance plot once it is).
 
     `p_holdout` are the selected model's (calibrated) probabilities on the time holdout and
     `candidates` maps candidates' names to theirs on the same rows (ROC only; an entry equal
     to `p_holdout` names the selected curve instead of being drawn twice). Returns
-    the written paths in `KINDS` order. Refuses to run if any picture of `version` exists, so
-    a rerun never mixes pictures of two different fits under one version.
+    the written paths in `KINDS` order. Refuses to run if any of those pictures of `version`
+    exists, so a rerun never mixes pictures of two different fits under one version.
     """
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or ("importance" in kinds and model is None):
+        raise ValueError(f"plots {list(kinds)}: expected some of {KINDS}, a model for importance")
     y, p = _check_inputs(y_holdout, p_holdout, candidates)
-    targets = {kind: paths.report_plot(version, kind) for kind in KINDS}
+    targets = {kind: paths.report_plot(version, kind) for kind in KINDS if kind in kinds}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing:
         raise RtbError(f"{', '.join(existing)}: {EXISTS}")
@@ -70,7 +78,7 @@ def write_report_plots(
         "importance": lambda: _importance_figure(model, version),
     }
     written = []
-    for kind in KINDS:
+    for kind in targets:
         figure = builders[kind]()
         with atomic_path(targets[kind]) as tmp:
             figure.savefig(tmp, format="png", dpi=DPI)
