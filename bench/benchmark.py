@@ -383,6 +383,19 @@ def _run_plan(side: str, plan: Sequence[tuple[str, list[str]]], logs: Path) -> l
     return runs
 
 
+def promoted_model(project: Path) -> str | None:
+    """The candidate our training promoted: the champion's report names it (None if no run
+    promoted one)."""
+    from rtb.config import ProjectPaths
+    from rtb.io_utils import read_yaml
+
+    paths = ProjectPaths(project)
+    if not paths.champion_pointer.exists():
+        return None
+    version = read_yaml(paths.champion_pointer)["version"]
+    return read_yaml(paths.report(version)).get("model")
+
+
 def load_our_predictions(predictions_dir: Path) -> tuple[np.ndarray, Path]:
     """The newest predictions_<version>.npy: a fresh project holds exactly one."""
     found = sorted(predictions_dir.glob("predictions_*.npy"), key=lambda p: p.stat().st_mtime)
@@ -507,6 +520,8 @@ def render_markdown(results: dict) -> str:
             if cfg.get("code_ours_end") != cfg.get("code_ours")
             else ""
         ),
+        "",
+        f"Model our training promoted (and our predicting used): `{results.get('promoted_model')}`.",
         "",
         "| stage | ref s | ours s | speedup | ref CPU s | ours CPU s | ref peak MB | ours peak MB"
         " | ours/ref RSS |",
@@ -750,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["notes"].append(str(exc))
             our_runs[-1].returncode, our_runs[-1].error = 1, str(exc)
 
+    results["promoted_model"] = promoted_model(work / "ours")
     results["config"]["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["stages"] = {
         "reference": [asdict(r) for r in ref_runs],

@@ -9,12 +9,14 @@ the report, so it runs while the model is refitted, pickled and drawn.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 import pandas as pd
@@ -27,21 +29,24 @@ from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path, sha256_file, write_yaml
 from rtb.models import registry
-from rtb.models.pipeline import CANDIDATES
-from rtb.models.promotion import compare_with_champion, promotion_line
-from rtb.models.report_plots import HOLDOUT_KINDS, write_report_plots
-from rtb.models.training import (
-    DEFAULT_LIMITS,
-    Selection,
-    TrainingLimits,
-    cross_validated,
-    refit_on_all_rows,
-    select_model,
-)
-from rtb.models.training_report import baseline_comparison, build_report
+from rtb.models.limits import DEFAULT_LIMITS, TrainingLimits
 from rtb.models.training_rows import read_training_rows
 from rtb.monitoring.profile import build_profile, new_level_shares, profile_training_window
 from rtb.overlap import in_parallel
+
+if TYPE_CHECKING:
+    from rtb.models.training import Selection
+
+# What fits, judges, reports and draws: sklearn, LightGBM and matplotlib take about a second
+# to import, so `run_training` imports these while it reads the rows, and the functions below
+# name what they use of them where they use it.
+MODEL_CODE = (
+    "lightgbm",
+    "rtb.models.training",
+    "rtb.models.promotion",
+    "rtb.models.training_report",
+    "rtb.models.report_plots",
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +160,22 @@ def run_training(
     limits: TrainingLimits = DEFAULT_LIMITS,
     window: TrainingWindow | None = None,
     trigger_reason: str | None = None,
-    candidates: tuple[str, ...] = tuple(CANDIDATES),
+    candidates: tuple[str, ...] | None = None,
 ) -> Path:
     """CLI stage: processed hand-over (or a window of daily ones) -> versioned pickle, plots,
     report and drift profile; champion pointer if promoted. A failure takes back the new files
-    this run wrote, never older ones. `candidates` narrows the selection (the baseline always
-    takes part)."""
+    this run wrote, never older ones. `candidates` narrows the selection (default: every
+    candidate; the baseline always takes part)."""
     started = time.perf_counter()
     if trigger_reason:
         log.info("training triggered: %s", trigger_reason)
     holdout_starts = holdout_partition = data = None
     if window is None:
         source = paths.processed_arrow("train")
-        rows, input_sha = in_parallel(  # hashing the input overlaps reading it
+        rows, input_sha, _ = in_parallel(  # hashing the input and importing overlap reading it
             lambda: read_training_rows([source], cfg, limits, seed=seed),
             lambda: sha256_file(source) if source.exists() else None,
+            _import_model_code,
         )
         label: object = source.name
     else:
@@ -179,12 +185,22 @@ def run_training(
         holdout_partition = data.holdout_partition
         log.info("%s: %d of %d days, holdout %s", window.describe(), len(data.section["partitions"]),
                  window.days, holdout_partition)
-        rows = read_training_rows(data.sources, cfg, limits, seed=seed, starts=holdout_starts)
+        rows, _ = in_parallel(
+            lambda: read_training_rows(data.sources, cfg, limits, seed=seed, starts=holdout_starts),
+            _import_model_code,
+        )
         input_sha, label = data.inputs, list(data.inputs)
     log.info("read %d rows from %s, kept %d, in %.1f s", rows.plan.rows, source, len(rows.frame),
              time.perf_counter() - started)
+    from rtb.models.pipeline import CANDIDATES
+    from rtb.models.promotion import compare_with_champion, promotion_line
+    from rtb.models.report_plots import write_report_plots
+    from rtb.models.training import select_model
+    from rtb.models.training_report import build_report
+
     selection = select_model(rows, cfg, seed=seed, limits=limits, source=str(source),
-                             holdout_starts=holdout_starts, candidates=candidates)
+                             holdout_starts=holdout_starts,
+                             candidates=tuple(CANDIDATES) if candidates is None else candidates)
     del rows
 
     def taken(version: str) -> bool:
@@ -244,6 +260,11 @@ def run_training(
     return report_path
 
 
+def _import_model_code() -> None:
+    for name in MODEL_CODE:
+        importlib.import_module(name)
+
+
 def _report_side(
     paths: ProjectPaths,
     cfg: DatasetConfig,
@@ -256,6 +277,9 @@ def _report_side(
 ) -> tuple[dict[str, object], dict[str, object]]:
     """The cross-validation, the drift profile and the holdout's plots (appended to
     `written`): what the report needs of the selection, not of the refit."""
+    from rtb.models.report_plots import HOLDOUT_KINDS, write_report_plots
+    from rtb.models.training import cross_validated
+
     cv = cross_validated(selection, cv_folds=cv_folds, seed=seed, limits=limits)
     profile = reference_profile(selection, cfg, version)
     written += write_report_plots(
@@ -282,6 +306,9 @@ def _refit_and_persist(
     """Refit the selected model on all rows and pickle it (appending the file to `written`,
     for the caller's rollback); then the bootstrap against the baseline, which this side has
     time for while the other cross-validates."""
+    from rtb.models.training import refit_on_all_rows
+    from rtb.models.training_report import baseline_comparison
+
     model, refit = refit_on_all_rows(selection, cfg, seed=seed, limits=limits)
     model_path = paths.model(version)
     with atomic_path(model_path) as tmp:

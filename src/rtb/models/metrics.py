@@ -3,12 +3,15 @@
 Log loss alone is hard to read at a 1% base rate, so every report also carries normalized
 entropy (log loss / entropy of the base rate: below 1.0 means better than bidding the average)
 and the calibration ratio (mean predicted / observed: 1.0 means the spend forecast is right).
+
+sklearn's metrics are imported by the functions that use them: this module is also imported
+by the drift watch and, through it, by the reading of training rows, which must not wait the
+second that importing sklearn takes (`rtb train` imports it while it reads).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import brier_score_loss, log_loss, make_scorer, roc_auc_score
 
 EPS = 1e-15
 
@@ -25,6 +28,8 @@ def rate_entropy(rate: float) -> float:
 
 
 def normalized_entropy(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import log_loss
+
     return float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]) / base_rate_entropy(y))
 
 
@@ -35,6 +40,8 @@ def calibration_ratio(y: np.ndarray, p: np.ndarray) -> float:
 
 def probability_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """All headline metrics for one set of labels and predicted probabilities."""
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
     y = np.asarray(y)
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
     both = 0 < y.sum() < len(y)
@@ -49,6 +56,8 @@ def probability_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def cv_scoring() -> dict[str, object]:
     """Scorers for ONE `cross_validate` call; losses are negated by sklearn, see `cv_summary`."""
+    from sklearn.metrics import make_scorer
+
     proba = {"response_method": "predict_proba"}
     return {
         "roc_auc": "roc_auc",
