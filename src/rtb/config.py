@@ -79,6 +79,11 @@ class ProjectPaths:
     def model(self, version: str) -> Path:
         return self.models_dir / f"pipeline_{version}.pkl"
 
+    def scoring_tables(self, version: str) -> Path:
+        """The model's scoring tables, written beside it when it tabulates (`rtb predict`
+        scores through them without unpickling the sklearn pipeline)."""
+        return self.models_dir / f"scoring_tables_{version}.pkl"
+
     def report(self, version: str) -> Path:
         return self.reports_dir / f"report_{version}.yaml"
 

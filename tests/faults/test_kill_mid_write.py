@@ -80,11 +80,14 @@ def test_kill_while_training_writes(trained, run_cli, tmp_path: Path, folder_nam
     if folder_name == "models":
         assert new == [], new
     else:
-        # Killed after the pickle was renamed into place, before promotion: the pickle is
-        # complete, and its report (when it got that far) records its sha256.
-        models = [name for name in new if name.startswith("models/")]
+        # Killed after the pickle (and its scoring tables) were renamed into place, before
+        # promotion: the pickle is complete, and its report (when it got that far) records
+        # its sha256.
+        models = [name for name in new if name.startswith("models/pipeline_")]
         assert len(models) == 1, new
         model = root / models[0]
+        beside = [name for name in new if name.startswith("models/") and name not in models]
+        assert beside in ([], [f"models/{paths.scoring_tables(version_of(model)).name}"]), new
         report = paths.report(version_of(model))
         if report.exists():
             recorded = yaml.safe_load(report.read_text())["artifacts"]["model_sha256"]

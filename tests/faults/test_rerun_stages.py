@@ -44,7 +44,7 @@ def test_training_twice_gives_two_versions_that_never_mix(trained, run_cli) -> N
     after = final_files(paths.root)
     changed = {name for name in before if after.get(name) != before[name]}
     assert changed <= {"models/champion.yaml"}, changed
-    new_models = sorted(name for name in set(after) - set(before) if name.startswith("models/"))
+    new_models = sorted(name for name in set(after) - set(before) if name.startswith("models/pipeline_"))
     assert len(new_models) == 2, new_models
     versions = [version_of(paths.root / name) for name in new_models]
     assert versions[0] != versions[1]
@@ -53,6 +53,8 @@ def test_training_twice_gives_two_versions_that_never_mix(trained, run_cli) -> N
         assert report["version"] == version
         assert report["artifacts"]["model"] == (paths.root / name).name
         assert report["artifacts"]["model_sha256"] == after[name]
+        tables = f"models/{paths.scoring_tables(version).name}"
+        assert report["artifacts"]["scoring_tables_sha256"] == after[tables]
         assert report["artifacts"]["input_sha256"] == after["data/processed/train_df.arrow"]
         for kind in ("roc", "reliability", "deciles", "importance"):
             assert (paths.reports_dir / f"report_{version}_{kind}.png").exists()

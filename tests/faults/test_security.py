@@ -57,6 +57,22 @@ def test_the_payload_is_live(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+def test_replaced_scoring_tables_are_never_unpickled(trained, run_cli, tmp_path: Path) -> None:
+    """The tables beside a model are a pickle too: checked against the report's sha256 before
+    loading; a replaced file is said and skipped, and the verified model scores instead."""
+    paths = trained.paths
+    marker, tables = tmp_path / "marker", paths.scoring_tables(trained.champion.version)
+    assert tables.exists()
+    _malicious_pickle(tables, marker)
+
+    result = run_cli("predict", "--project-dir", str(paths.root))
+
+    assert result.code == 0, result.stderr
+    assert f"{tables}: changed since training (sha256 differs)" in result.log
+    assert not marker.exists(), "the tables' pickle was unpickled"
+    assert len(list(paths.predictions_dir.glob("predictions_*.npy"))) == 1
+
+
 @pytest.mark.parametrize(
     "how",
     ["champion file replaced", "--model without a report", "--model with another model's report"],

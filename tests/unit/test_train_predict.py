@@ -156,6 +156,50 @@ def test_broken_model_is_refused_and_nothing_written(trained, run_cli, kind, exp
     assert run_cli("check-model", "--project-dir", str(trained.root)).code == 1
 
 
+def _latest_predictions(paths) -> np.ndarray:
+    return np.load(sorted(paths.predictions_dir.glob("predictions_*.npy"))[-1])
+
+
+def test_predict_scores_through_the_tables_training_wrote_and_checked(trained, run_cli) -> None:
+    champion = load_champion_entry(trained)
+    tables = trained.scoring_tables(champion.version)
+    artifacts = yaml.safe_load(trained.report(champion.version).read_text())["artifacts"]
+    assert artifacts["scoring_tables"] == tables.name
+    assert artifacts["scoring_tables_sha256"] == sha256_file(tables)
+
+    through_tables = run_cli("predict", "--project-dir", str(trained.root))
+    assert through_tables.code == 0, through_tables.stderr
+    assert "scoring through the model's scoring tables" in through_tables.log
+    expected = joblib.load(champion.path).predict_proba(_test_frame(trained))[:, 1]
+    np.testing.assert_allclose(_latest_predictions(trained), expected, rtol=0, atol=1e-9)
+
+    tables.unlink()
+    without = run_cli("predict", "--project-dir", str(trained.root))
+    assert without.code == 0, without.stderr
+    assert f"{tables}: missing; scoring with the model itself" in without.log
+    np.testing.assert_allclose(_latest_predictions(trained), expected, rtol=0, atol=1e-9)
+
+
+def _test_frame(paths) -> pd.DataFrame:
+    """The processed test rows as the pipeline reads them (from the hand-over, typed)."""
+    from rtb.data.preprocessing import read_processed
+    from rtb.dataset_config import load_dataset_config
+
+    return read_processed(paths.processed_arrow("test"), load_dataset_config("rtb"),
+                          require_target=False)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "modified"])
+def test_changed_scoring_tables_are_not_unpickled(trained, run_cli, kind) -> None:
+    champion = load_champion_entry(trained)
+    tables = trained.scoring_tables(champion.version)
+    _tamper(kind, tables)
+    result = run_cli("predict", "--project-dir", str(trained.root))
+    assert result.code == 0, result.stderr
+    assert f"{tables}: changed since training (sha256 differs); scoring with the model itself" in result.log
+    assert "equal to predict_proba within 1e-9" in result.log
+
+
 def test_model_option_needs_a_report_recording_its_sha(trained, run_cli, tmp_path) -> None:
     champion = load_champion_entry(trained).path
     stray = trained.models_dir / "pipeline_20000101T000000Z.pkl"

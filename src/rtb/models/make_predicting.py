@@ -35,6 +35,9 @@ from rtb.models import registry
 from rtb.overlap import in_parallel
 from rtb.prediction_sets import PredictionSet
 from rtb.progress import Progress
+from rtb.scoring.agreement import CHECK_ROWS
+from rtb.scoring.artifact import ScoringTables
+from rtb.scoring.batch import TableScorer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +46,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 250_000
 SCORING_THREADS = 2
-CHECK_ROWS = 20_000
 
 
 def predict(model: object, frame: pd.DataFrame, cfg: DatasetConfig) -> np.ndarray:
@@ -60,28 +62,20 @@ def predict_batches(
     """Core, batch by batch: the probabilities of each frame of `frames` (`chunks` of them),
     in order, holding at most a few frames at a time.
 
-    The table scorer is checked against `predict_proba` on the first `CHECK_ROWS` rows
-    (gathered across frames, so the check does not depend on how the input is batched)."""
-    # Imported here, not at module level: sklearn's import is what `run_predicting` overlaps
-    # with reading the input, and it happens while the model is unpickled.
-    from rtb.scoring.batch import batch_scorer
-
+    `model` is a pipeline or the `ScoringTables` training wrote and checked beside it
+    (`load_scorer`). A pipeline's table scorer is checked against `predict_proba` on the first
+    `CHECK_ROWS` rows (gathered across frames, so the check does not depend on how the input
+    is batched)."""
     frames = iter(frames)
     head: list[pd.DataFrame] = []
-    while sum(len(f) for f in head) < CHECK_ROWS and (frame := next(frames, None)) is not None:
-        head.append(feature_frame(frame, cfg))
-    if not head:
-        return
-    import pandas as pd
-
-    sample = pd.concat(head).iloc[:CHECK_ROWS] if len(head) > 1 else head[0].iloc[:CHECK_ROWS]
-    try:
-        fast = batch_scorer(model, sample)
-    except KeyError as exc:
-        raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
-    if fast is not None:
-        log.info("scoring through per-level log-odds tables (equal to predict_proba within "
-                 "1e-9 on the first %d rows)", len(sample))
+    if isinstance(model, ScoringTables):
+        fast: TableScorer | None = TableScorer(model)
+        log.info("scoring through the model's scoring tables (checked against its predict_proba "
+                 "when training wrote them)")
+    else:
+        head, fast = _checked_scorer(model, frames, cfg)
+        if not head:
+            return
 
     def score(features: pd.DataFrame) -> np.ndarray:
         try:
@@ -119,10 +113,44 @@ def predict_batches(
             yield probabilities
 
 
+def _checked_scorer(
+    model: object, frames: Iterator[pd.DataFrame], cfg: DatasetConfig
+) -> tuple[list[pd.DataFrame], TableScorer | None]:
+    """The first frames (enough for the check) and the table scorer if it agrees with the
+    pipeline on their first `CHECK_ROWS` rows; None: score with `predict_proba`."""
+    # Imported here, not at module level: tabulating reads sklearn objects, and sklearn's
+    # import is what `run_predicting` overlaps with reading the input.
+    from rtb.scoring.batch import batch_scorer
+
+    head: list[pd.DataFrame] = []
+    while sum(len(f) for f in head) < CHECK_ROWS and (frame := next(frames, None)) is not None:
+        head.append(feature_frame(frame, cfg))
+    if not head:
+        return head, None
+    import pandas as pd
+
+    sample = pd.concat(head).iloc[:CHECK_ROWS] if len(head) > 1 else head[0].iloc[:CHECK_ROWS]
+    try:
+        fast = batch_scorer(model, sample)
+    except KeyError as exc:
+        raise RtbError(f"model expects column(s) missing from the test data: {exc}") from exc
+    if fast is not None:
+        log.info("scoring through per-level log-odds tables (equal to predict_proba within "
+                 "1e-9 on the first %d rows)", len(sample))
+    return head, fast
+
+
 def _done(value: np.ndarray) -> Future[np.ndarray]:
     future: Future[np.ndarray] = Future()
     future.set_result(value)
     return future
+
+
+def load_scorer(paths: ProjectPaths, entry: registry.ModelEntry) -> object:
+    """What `predict_batches` scores with: the scoring tables training wrote and checked
+    beside the model (no sklearn import), else the verified model itself."""
+    tables = registry.load_scoring_tables(paths, entry)
+    return tables if tables is not None else load_scoring_model(entry)
 
 
 def load_scoring_model(entry: registry.ModelEntry) -> object:
@@ -224,7 +252,8 @@ def run_predicting(
     started = time.perf_counter()
     entry = registry.resolve_model(paths, model_path)
     source = paths.processed_arrow("test")
-    scoring, input_sha, model = _open(entry, source, cfg)
+    scoring, input_sha, model = _open(paths, entry, source, cfg)
+
     def taken(version: str) -> bool:
         return PredictionSet.versioned(paths, version).probabilities.exists()
 
@@ -257,7 +286,7 @@ def run_predicting_partition(
     started = time.perf_counter()
     entry = registry.resolve_model(paths, model_path)
     source = paths.processed_arrow(name)
-    scoring, input_sha, model = _open(entry, source, cfg)
+    scoring, input_sha, model = _open(paths, entry, source, cfg)
     version = new_version()
 
     def sidecar(scored: Scored) -> dict[str, object]:
@@ -279,15 +308,15 @@ def run_predicting_partition(
 
 
 def _open(
-    entry: registry.ModelEntry, source: Path, cfg: DatasetConfig
+    paths: ProjectPaths, entry: registry.ModelEntry, source: Path, cfg: DatasetConfig
 ) -> tuple[ScoringBatches, str, object]:
     log.info("using model %s (version %s, sha256 %s)", entry.path.name, entry.version, entry.sha256)
-    # Opening the input, hashing it for the sidecar and unpickling the model (which imports
-    # sklearn) are independent; an error in the input is reported before one of the model.
+    # Opening the input, hashing it for the sidecar and loading the scorer (which imports
+    # sklearn when it is the model) are independent; an error in the input is reported first.
     return in_parallel(
         lambda: read_scoring_batches(source, cfg, CHUNK_ROWS),
         lambda: sha256_file(source) if source.exists() else "",
-        lambda: load_scoring_model(entry),
+        lambda: load_scorer(paths, entry),
     )
 
 

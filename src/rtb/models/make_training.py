@@ -228,9 +228,12 @@ def run_training(
                     paths, cfg, selection, seed, challenger=entry, inputs=input_sha,
                     holdout_partition=holdout_partition, limits=limits,
                 )
+                tables = refit["scoring_tables"]
                 artifacts = {
                     "model": entry.path.name,
                     "model_sha256": entry.sha256,
+                    "scoring_tables": tables["file"],
+                    "scoring_tables_sha256": tables.get("sha256"),
                     "input": label,
                     "input_sha256": input_sha,
                     "profile": profile_path.name,
@@ -317,4 +320,36 @@ def _refit_and_persist(
     entry = registry.ModelEntry(
         model_path, version, sha256_file(model_path), selection.selected.holdout["log_loss"]
     )
+    refit["scoring_tables"] = _write_scoring_tables(paths, cfg, selection, model, version, written)
     return model, refit, entry, baseline_comparison(selection, seed)
+
+
+def _write_scoring_tables(
+    paths: ProjectPaths, cfg: DatasetConfig, selection: Selection, model: object, version: str,
+    written: list[Path],
+) -> dict[str, object]:
+    """The refitted model's scoring tables, written beside it once they reproduce its
+    `predict_proba` on the holdout's latest rows and on the service's probe rows (unseen and
+    missing levels, gaps, extreme numbers): `rtb predict` then scores through them without
+    unpickling the pipeline. What was done, for the report (`file`, `sha256`, or `reason`)."""
+    from rtb.features import rows_frame
+    from rtb.scoring import agreement
+    from rtb.scoring.batch import batch_scorer
+    from rtb.serving.scorer import probe_rows
+
+    holdout = selection.X[selection.holdout].iloc[-agreement.CHECK_ROWS:]
+    probes = rows_frame(probe_rows(model, cfg), cfg)
+    scorer = batch_scorer(model, holdout)
+    if scorer is None:
+        return {"file": None, "reason": "the model does not tabulate or its tables disagree"}
+    expected = model.predict_proba(probes)[:, 1]
+    if not agreement.agrees(scorer.predict_positive(probes), expected):
+        return {"file": None, "reason": "the tables disagree with predict_proba on probe rows"}
+    path = paths.scoring_tables(version)
+    with atomic_path(path) as tmp:
+        joblib.dump(scorer.tables, tmp, compress=3)
+    written.append(path)
+    rows = len(holdout) + len(probes)
+    log.info("wrote %s (equal to predict_proba within %.0e on %d holdout and probe rows)",
+             path.name, agreement.AGREEMENT, rows)
+    return {"file": path.name, "sha256": sha256_file(path), "checked_rows": rows}

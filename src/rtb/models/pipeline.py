@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from rtb.dataset_config import DatasetConfig
 from rtb.models.encoders import SmoothedTargetEncoder, SparseOneHotEncoder
+from rtb.models.transforms import log1p_nonnegative
 
 BASELINE = "logreg_onehot"
 PROBABILITY_FLOOR = 1e-7
@@ -66,12 +67,8 @@ class LogitRecalibrated(ClassifierMixin, BaseEstimator):
         return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
 
 
-def log1p_nonnegative(values: np.ndarray) -> np.ndarray:
-    """Heavy-tailed counts compress on a log scale; negative values are data errors -> 0."""
-    return np.log1p(np.clip(np.asarray(values, dtype=np.float64), 0.0, None))
-
-
-# Models pickled before the function became public name it by its old name.
+# Models pickled before the function moved to `rtb.models.transforms` name it here, some by
+# its old private name.
 _log1p_nonnegative = log1p_nonnegative
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import joblib
 from rtb.config import MODEL_NAME, ProjectPaths, version_of
 from rtb.errors import RtbError
 from rtb.io_utils import read_yaml, sha256_file, write_yaml
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,31 @@ def load_champion_entry(paths: ProjectPaths) -> ModelEntry:
         raise RtbError(f"{pointer}: sha256 of {entry.path.name} differs from its training report")
     verify_sha256(entry)
     return entry
+
+
+def load_scoring_tables(paths: ProjectPaths, entry: ModelEntry) -> object | None:
+    """The model's scoring tables if its training report records them and the file matches
+    the recorded sha256; None otherwise (a model without tables, or tables that are gone or
+    changed, which are said and not loaded: the caller scores with the verified model)."""
+    artifacts = read_yaml(paths.report(entry.version)).get("artifacts") or {}
+    name, expected = artifacts.get("scoring_tables"), artifacts.get("scoring_tables_sha256")
+    if not name or not expected:
+        return None
+    path = paths.models_dir / str(name)
+    if path != paths.scoring_tables(entry.version):
+        log.warning("%s: the report names scoring tables %r, not this version's; not loading them",
+                    entry.path.name, name)
+        return None
+    if not path.exists() or sha256_file(path) != expected:
+        state = "missing" if not path.exists() else "changed since training (sha256 differs)"
+        log.warning("%s: %s; scoring with the model itself", path, state)
+        return None
+    try:
+        return joblib.load(path)
+    except (EOFError, OSError, ValueError, KeyError, IndexError, zlib.error, ImportError) as exc:
+        log.warning("%s: cannot unpickle (%s: %s); scoring with the model itself", path,
+                    type(exc).__name__, exc)
+        return None
 
 
 def verify_sha256(entry: ModelEntry) -> None:

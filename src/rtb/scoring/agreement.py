@@ -1,6 +1,7 @@
 """The one test a scorer outside sklearn must pass before it replaces `predict_proba`.
 
-Batch scoring checks the first rows of its input, the service checks probe rows; both call
+Batch scoring checks the first rows of its input (or training checked the tables it wrote
+beside the model on holdout and probe rows), the service checks probe rows; all call
 `disagreement` so that "equal to the pipeline" means the same thing everywhere.
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 AGREEMENT = 1e-9
+CHECK_ROWS = 20_000  # rows of real data a batch scorer is checked on
 
 
 def disagreement(got: Sequence[float] | np.ndarray, expected: Sequence[float] | np.ndarray) -> float:

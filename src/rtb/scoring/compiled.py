@@ -28,8 +28,9 @@ from scipy.special import expit
 from rtb.dataset_config import DatasetConfig
 from rtb.features import f32, row_deriver
 from rtb.scoring import lgbm_trees
+from rtb.scoring.artifact import LinearHead, NumericBlock, ScoringTables, TreeHead
 from rtb.scoring.errors import NotTabulable
-from rtb.scoring.tables import LinearHead, NumericBlock, ScoringTables, TreeHead, tabulate
+from rtb.scoring.tables import tabulate
 
 log = logging.getLogger(__name__)
 
