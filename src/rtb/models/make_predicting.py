@@ -37,7 +37,7 @@ from rtb.prediction_sets import PredictionSet
 from rtb.progress import Progress
 from rtb.scoring.agreement import CHECK_ROWS
 from rtb.scoring.artifact import ScoringTables
-from rtb.scoring.batch import TableScorer
+from rtb.scoring.batch import TableScorer, batch_scorer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -118,10 +118,6 @@ def _checked_scorer(
 ) -> tuple[list[pd.DataFrame], TableScorer | None]:
     """The first frames (enough for the check) and the table scorer if it agrees with the
     pipeline on their first `CHECK_ROWS` rows; None: score with `predict_proba`."""
-    # Imported here, not at module level: tabulating reads sklearn objects, and sklearn's
-    # import is what `run_predicting` overlaps with reading the input.
-    from rtb.scoring.batch import batch_scorer
-
     head: list[pd.DataFrame] = []
     while sum(len(f) for f in head) < CHECK_ROWS and (frame := next(frames, None)) is not None:
         head.append(feature_frame(frame, cfg))

@@ -2,8 +2,9 @@
 
 The jobs live in their own modules: fitting and selection in `rtb.models.training`, the
 report in `rtb.models.training_report`, the gate in `rtb.models.promotion`. This module does
-the I/O and decides what runs beside what: the selected model's cross-validation only feeds
-the report, so it runs while the model is refitted, pickled and drawn.
+the I/O and decides what runs beside what: the model code is imported while the rows are
+read, and what only feeds the report (cross-validation, drift profile, the holdout's plots)
+runs while the selected model is refitted, pickled and tabulated.
 """
 
 from __future__ import annotations
