@@ -23,7 +23,7 @@ class KeyTable:
     """What the head reads for each key of one categorical group.
 
     `columns` are positions in `ScoringTables.categorical`; a row's key is the mixed-radix
-    number of their codes (`rtb.models.encoders.mixed_radix_key`). `values` has one row per
+    number of their codes (`rtb.models.level_codes.mixed_radix_key`). `values` has one row per
     seen key (sorted `keys`) plus a last row, the default for any other key.
     """
 
