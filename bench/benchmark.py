@@ -388,12 +388,11 @@ def promoted_model(project: Path) -> str | None:
     promoted one)."""
     from rtb.config import ProjectPaths
     from rtb.io_utils import read_yaml
+    from rtb.models.registry import current_champion
 
     paths = ProjectPaths(project)
-    if not paths.champion_pointer.exists():
-        return None
-    version = read_yaml(paths.champion_pointer)["version"]
-    return read_yaml(paths.report(version)).get("model")
+    champion = current_champion(paths)
+    return None if champion is None else read_yaml(paths.report(champion.version)).get("model")
 
 
 def load_our_predictions(predictions_dir: Path) -> tuple[np.ndarray, Path]:

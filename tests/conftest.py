@@ -120,12 +120,32 @@ def project(tmp_path: Path) -> ProjectPaths:
     return paths
 
 
+def write_small_logs(raw_dir: Path) -> None:
+    """A small valid train log (600 rows) and test log (200 rows, the week after) in `raw_dir`."""
+    write_raw(small_raw_frame(600, seed=1), raw_dir / "training_data.csv.gz")
+    test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
+    write_raw(test, raw_dir / "test_data.csv.gz")
+
+
+def prepared_project(root: Path) -> ProjectPaths:
+    """A project at `root` whose small logs went through make-dataset and preprocess (both
+    splits, in-process): ready for `rtb train` and, once trained, `rtb predict`."""
+    from rtb.data.make_dataset import run_make_dataset
+    from rtb.data.preprocessing import run_preprocess
+    from rtb.dataset_config import load_dataset_config
+
+    cfg, paths = load_dataset_config("rtb"), ProjectPaths(root)
+    write_small_logs(paths.raw_dir)
+    for split in ("train", "test"):
+        run_make_dataset(paths, split, cfg)
+        run_preprocess(paths, split, cfg)
+    return paths
+
+
 @pytest.fixture
 def raw_project(project: ProjectPaths) -> ProjectPaths:
     """A project whose data/raw holds a small valid train and test log."""
-    write_raw(small_raw_frame(600, seed=1), project.raw_dir / "training_data.csv.gz")
-    test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
-    write_raw(test, project.raw_dir / "test_data.csv.gz")
+    write_small_logs(project.raw_dir)
     return project
 
 

@@ -40,22 +40,14 @@ def test_the_check_sees_a_heavy_import() -> None:
 
 def test_predict_through_a_linear_models_tables_never_imports_sklearn(tmp_path: Path) -> None:
     """The whole `rtb predict` of a logistic-regression champion, in a fresh interpreter."""
-    from conftest import small_raw_frame, write_raw
+    from conftest import prepared_project
 
-    from rtb.config import ProjectPaths
-    from rtb.data.make_dataset import run_make_dataset
-    from rtb.data.preprocessing import run_preprocess
     from rtb.dataset_config import load_dataset_config
     from rtb.models.make_training import run_training
 
-    cfg, paths = load_dataset_config("rtb"), ProjectPaths(tmp_path / "project")
-    write_raw(small_raw_frame(600, seed=1), paths.raw_dir / "training_data.csv.gz")
-    test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
-    write_raw(test, paths.raw_dir / "test_data.csv.gz")
-    for split in ("train", "test"):
-        run_make_dataset(paths, split, cfg)
-        run_preprocess(paths, split, cfg)
-    run_training(paths, cfg, cv_folds=3, seed=0, candidates=("logreg_target_encoded",))
+    paths = prepared_project(tmp_path / "project")
+    run_training(paths, load_dataset_config("rtb"), cv_folds=3, seed=0,
+                 candidates=("logreg_target_encoded",))
     code = ("import json, sys\nfrom rtb.cli import main\n"
             f"sys.argv = ['rtb', 'predict', '--project-dir', {str(paths.root)!r}]\n"
             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import rewrite_hand_over, small_raw_frame, write_raw
+from conftest import prepared_project, rewrite_hand_over
 
 from rtb.io_utils import sha256_file
 from rtb.models.registry import load_champion_entry
@@ -34,21 +34,11 @@ def _prepare(project, run_cli, *splits: str) -> None:
 @pytest.fixture(scope="module")
 def trained_template(tmp_path_factory):
     """One real training run per module (the slow part), copied for each test below."""
-    from rtb.config import ProjectPaths
-    from rtb.data.make_dataset import run_make_dataset
-    from rtb.data.preprocessing import run_preprocess
     from rtb.dataset_config import load_dataset_config
     from rtb.models.make_training import run_training
 
-    cfg = load_dataset_config("rtb")
-    paths = ProjectPaths(tmp_path_factory.mktemp("trained") / "project")
-    write_raw(small_raw_frame(600, seed=1), paths.raw_dir / "training_data.csv.gz")
-    test = small_raw_frame(200, seed=2, start="2019-01-08").drop(columns=["install"])
-    write_raw(test, paths.raw_dir / "test_data.csv.gz")
-    for split in ("train", "test"):
-        run_make_dataset(paths, split, cfg)
-        run_preprocess(paths, split, cfg)
-    run_training(paths, cfg, cv_folds=3, seed=0)
+    paths = prepared_project(tmp_path_factory.mktemp("trained") / "project")
+    run_training(paths, load_dataset_config("rtb"), cv_folds=3, seed=0)
     return paths
 
 
@@ -230,12 +220,8 @@ def test_processed_file_of_another_dataset_is_rejected(trained, run_cli) -> None
 
 
 def test_pickled_pipeline_is_the_whole_scoring_path(trained) -> None:
-    from rtb.data.preprocessing import read_processed
-    from rtb.dataset_config import load_dataset_config
-
-    cfg = load_dataset_config("rtb")
     pipeline = joblib.load(load_champion_entry(trained).path)
-    frame = read_processed(trained.processed_arrow("test"), cfg, require_target=False)
+    frame = _test_frame(trained)
     probabilities = pipeline.predict_proba(frame)[:, 1]
     assert probabilities.shape == (len(frame),)
     assert pipeline.steps[0][0] == "features"
