@@ -302,6 +302,8 @@ def test_the_single_file_mode_keeps_todays_commands(common) -> None:
     }
     (unit,) = common.units_from_plan(plan, run_id="manual__x")
     assert unit["make_dataset"] == ["make-dataset", "--split", "train", "--project-dir", "/project"]
+    # The scored set's sidecar names its run (a scheduled run may score beside a manual one).
+    assert unit["predicting"] == ["predict", "--run-id", "manual__x", "--project-dir", "/project"]
     single = common.run_commands_from_plan(plan, run_id="manual__x", trigger_reason="drift: campaignId")
     assert single["training"] == [
         "train", "--trigger-reason", "drift: campaignId", "--project-dir", "/project"

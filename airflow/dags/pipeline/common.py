@@ -324,12 +324,12 @@ def units_from_plan(plan: dict[str, Any], *, run_id: str) -> list[dict[str, Any]
     units = []
     predict_args = plan.get("predict_args") or [[] for _ in plan["units"]]
     for unit, predict in zip(plan["units"], predict_args, strict=True):
-        run = ["--run-id", run_id] if plan["mode"] == "partitions" else []
         units.append({
             "name": unit["name"],
             "make_dataset": with_project("make-dataset", *unit["args"]),
             "preprocessing": with_project("preprocess", *unit["args"]),
-            "predicting": with_project("predict", *predict, *run),
+            # The prediction set's sidecar names the Airflow run that wrote it.
+            "predicting": with_project("predict", *predict, "--run-id", run_id),
         })
     return units
 
