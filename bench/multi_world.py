@@ -42,7 +42,7 @@ import pandas as pd
 from scipy.special import expit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from level_tracking import tracked_base_rate_log_odds  # noqa: E402
+from level_tracking import mean_matching_shift, tracked_base_rate_log_odds  # noqa: E402
 from worlds import WORLDS, WorldData, draw_world, write_raw  # noqa: E402
 
 from rtb.config import ProjectPaths  # noqa: E402
@@ -50,9 +50,16 @@ from rtb.data.make_dataset import run_make_dataset  # noqa: E402
 from rtb.data.preprocessing import read_processed, run_preprocess  # noqa: E402
 from rtb.dataset_config import DatasetConfig, load_dataset_config  # noqa: E402
 from rtb.features import feature_frame  # noqa: E402
+from rtb.models.limits import DEFAULT_LIMITS  # noqa: E402
 from rtb.models.metrics import EPS, normalized_entropy, rate_entropy  # noqa: E402
 from rtb.models.pipeline import CANDIDATES  # noqa: E402
-from rtb.models.training import Selection, refit_on_all_rows, select_model  # noqa: E402
+from rtb.models.training import (  # noqa: E402
+    CandidateResult,
+    Selection,
+    negative_downsample,
+    refit_on_all_rows,
+    select_model,
+)
 
 log = logging.getLogger("bench.multi_world")
 
@@ -62,6 +69,16 @@ TALKINGDATA = REPO / "tests" / "data" / "talkingdata" / "train_sample.csv.gz"
 TALKINGDATA_FOLDS = (("talkingdata Nov 6-8 -> 9", "2017-11-09"),
                      ("talkingdata Nov 6-7 -> 8", "2017-11-08"))
 TRUE_P, BASE_RATE = "true p", "constant base rate"
+# Each candidate's variants, as the tables name them: shipped without the refit, and the
+# level variants applied to the refit (see `level_variants`).
+VARIANTS = {
+    "early_fit": "early fit (no refit)",
+    "level_tracked": "level-tracked (opt-in)",
+    "anchored_to_holdout": "anchored to the holdout rate",
+    "anchored_to_early_fit": "anchored to the early fit",
+    "rate_shifted": "intercept moved by the rate change",
+}
+ANCHOR_ROWS = 150_000
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
@@ -120,8 +137,8 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
         # holdout: what shipping without the refit would give (no extra fit).
         early = np.asarray(result.pipeline.predict_proba(X_test)[:, 1], dtype=np.float64)
         rows[result.name]["early_fit"] = predictor_row(y, early, p_true, day)
-        tracked = level_tracked(selection, p, cfg)
-        rows[result.name]["level_tracked"] = predictor_row(y, tracked, p_true, day)
+        for variant, shift in level_variants(selection, result, model, cfg, seed=seed).items():
+            rows[result.name][variant] = predictor_row(y, _shifted(p, shift), p_true, day)
     constant = np.empty(len(y))
     for d in np.unique(day):  # each day's own label rate: NE 1 and share of gain 0 by definition
         constant[day == d] = y[day == d].mean()
@@ -130,13 +147,21 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
             "predictors": rows}
 
 
-def level_tracked(selection: Selection, p_refit: np.ndarray, cfg: DatasetConfig) -> np.ndarray:
-    """The refitted model's next-day probabilities with its level moved from the holdout's
-    label rate to the base rate that a shrunk daily trend of the whole window expects on the
-    first day after it (`level_tracking.tracked_base_rate_log_odds`): the opt-in
-    variant for item 3 of issue #14, applied after the pipeline's own calibration."""
+def level_variants(selection: Selection, result: CandidateResult, model: object,
+                   cfg: DatasetConfig, *, seed: int) -> dict[str, float]:
+    """The log-odds shift each level variant applies to the refitted model's probabilities.
+
+    - level_tracked: from the holdout's label rate to the base rate that a shrunk daily trend of
+      the whole window expects on the first day after it (`tracked_base_rate_log_odds`);
+    - anchored_to_holdout: the refit's mean probability on the holdout rows (scored as new
+      rows are, i.e. in-sample for the refit) to the holdout's label rate;
+    - anchored_to_early_fit: the refit's mean probability on (a sample of) the early rows to
+      the early fit's mean there, both models having been fitted on those rows;
+    - rate_shifted: the Platt intercept moved by the change in the fitted rows' label log-odds
+      (sampling and period), instead of the change in the negative share alone.
+    """
     rows, y, holdout = selection.rows, selection.y, selection.holdout
-    # Natural counts per day: early negatives were kept at a share r, the holdout entirely.
+    # Natural counts: early negatives were kept at a share r, the holdout entirely.
     weight = np.where((y == 1) | holdout, 1.0, 1.0 / rows.negative_share)
     day = selection.frame[cfg.timestamp].dt.floor("D")
     full = pd.date_range(day.min(), day.max(), freq="D")  # a day without rows still counts
@@ -144,10 +169,39 @@ def level_tracked(selection: Selection, p_refit: np.ndarray, cfg: DatasetConfig)
     day_rows = np.bincount(index, weights=weight, minlength=len(full))
     day_positives = np.bincount(index, weights=(y == 1).astype(float), minlength=len(full))
     level = tracked_base_rate_log_odds(day_positives, day_rows, float(len(full)))
-    holdout_rate = float(y[holdout].mean())
-    shift = level - float(np.log(holdout_rate / (1 - holdout_rate)))
-    p = np.clip(p_refit, EPS, 1 - EPS)
-    return expit(np.log(p / (1 - p)) + shift)
+    shifts = {"level_tracked": level - _log_odds(float(y[holdout].mean()))}
+
+    def refit_log_odds(at: np.ndarray) -> np.ndarray:
+        return _log_odds(model.predict_proba(selection.X.iloc[at])[:, 1])
+
+    held = np.flatnonzero(holdout)
+    shifts["anchored_to_holdout"] = mean_matching_shift(refit_log_odds(held), float(y[held].mean()))
+    early_rows = np.flatnonzero(~holdout)
+    rng = np.random.default_rng(seed)
+    if len(early_rows) > ANCHOR_ROWS:
+        early_rows = np.sort(rng.choice(early_rows, ANCHOR_ROWS, replace=False))
+    early_p = result.pipeline.predict_proba(selection.X.iloc[early_rows])[:, 1]
+    shifts["anchored_to_early_fit"] = mean_matching_shift(
+        refit_log_odds(early_rows), float(np.average(early_p, weights=weight[early_rows])),
+        weight[early_rows])
+    limits = DEFAULT_LIMITS
+    then = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
+    now = negative_downsample(y, rows.sampled(y), limits.refit_max_negatives, seed)
+    # What refit_on_all_rows applied: the change in the kept share of negatives.
+    kept_then = (y[then] == 0).sum() / (~holdout & (y == 0)).sum()
+    kept_now = (y[now] == 0).sum() / (rows.sampled(y) & (y == 0)).sum()
+    rate_change = _log_odds(float(y[then].mean())) - _log_odds(float(y[now].mean()))
+    shifts["rate_shifted"] = result.calibration["slope"] * (rate_change - np.log(kept_now / kept_then))
+    return shifts
+
+
+def _log_odds(p: np.ndarray | float) -> np.ndarray | float:
+    p = np.clip(p, EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def _shifted(p: np.ndarray, shift: float) -> np.ndarray:
+    return expit(_log_odds(p) + shift)
 
 
 def through_pipeline(root: Path, cfg: DatasetConfig,
@@ -250,9 +304,9 @@ def selected_table(runs: list[dict]) -> list[str]:
     same candidate shipped without the refit and with the opt-in level tracking."""
     lines = ["### The selected model per world (next day)", "",
              "| world | rows | selected | share of gain | share (expected) | NE "
-             "| calib vs labels | calib vs true p, day 1 / 2 | no refit: share (exp.), calib "
-             "| level-tracked: share (exp.), calib |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| calib vs labels | calib vs true p, day 1 / 2 | "
+             + " | ".join(f"{label}: share (exp.), calib" for label in VARIANTS.values()) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(VARIANTS)]
     for run in runs:
         m = run["predictors"][run["selected"]]
         synthetic = "share_of_gain" in m
@@ -262,7 +316,7 @@ def selected_table(runs: list[dict]) -> list[str]:
             f"| {run['world']} | {run['train_rows']:,} | {run['selected']} "
             f"| {_fmt(m.get('share_of_gain'), '.1%')} | {_fmt(m.get('share_of_gain_expected'), '.1%')} "
             f"| {m['normalized_entropy']:.3f} | {m['calibration_vs_labels']:.3f} | {per_day} "
-            f"| {_brief(m.get('early_fit'))} | {_brief(m.get('level_tracked'))} |")
+            f"| " + " | ".join(_brief(m.get(key)) for key in VARIANTS) + " |")
     return lines + [""]
 
 
@@ -271,10 +325,7 @@ def _with_early_fits(predictors: dict[str, dict]) -> list[tuple[str, dict]]:
     out = []
     for name, m in predictors.items():
         out.append((name, m))
-        if "early_fit" in m:
-            out.append((f"{name}, early fit (no refit)", m["early_fit"]))
-        if "level_tracked" in m:
-            out.append((f"{name}, level-tracked (opt-in)", m["level_tracked"]))
+        out += [(f"{name}, {label}", m[key]) for key, label in VARIANTS.items() if key in m]
     return out
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from level_tracking import mean_matching_shift
 from scipy.special import expit, ndtri
 
 from rtb.dataset_config import load_dataset_config
@@ -148,7 +149,7 @@ def draw_world(spec: WorldSpec, train_rows: int, test_rows_per_day: int, seed: i
     days = rows["day"]
     logit = effects.log_odds(spec, rows)
     train = days < spec.train_days
-    intercept = _solve_intercept(logit[train], spec.base_rate)
+    intercept = mean_matching_shift(logit[train], spec.base_rate)
     p = expit(logit + intercept)
     y = (rows_rng.random(len(p)) < p).astype(np.int64)
     frame = _raw_frame(rows, effects, y, seed)
@@ -299,19 +300,6 @@ def _draw_rows(spec: WorldSpec, effects: _Effects, days: np.ndarray,
     hours = rng.exponential(30.0, n)
     rows["hours_since"] = np.where(start > 0, hours, np.nan)
     return rows
-
-
-def _solve_intercept(logit: np.ndarray, base_rate: float) -> float:
-    """The intercept whose mean probability over these rows is `base_rate` (bisection: the
-    mean is monotone in the intercept)."""
-    lo, hi = -30.0, 10.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if expit(logit + mid).mean() < base_rate:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def _hex_ids(values: np.ndarray, width: int) -> pa.Array:

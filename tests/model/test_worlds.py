@@ -100,7 +100,7 @@ def test_tiny_multi_world_run_reports_consistent_figures(tmp_path) -> None:
         figures = predictors[name]
         assert figures["share_of_gain"] < 1.0 and figures["train_seconds"] > 0
         assert len(figures["calibration_per_day"]) == WORLDS["additive"].test_days
-        for variant in ("early_fit", "level_tracked"):
+        for variant in multi_world.VARIANTS:
             assert 0.0 < figures[variant]["calibration_vs_true_p"] < 10.0
     markdown = out.with_suffix(".md").read_text()
     assert f"pipeline selected `{run['selected']}`" in markdown
