@@ -1,28 +1,11 @@
-"""Level variants multi_world.py evaluates beside the shipped model, not part of the pipeline:
-the next day's base rate from a trend over every labelled day of the window (instead of the
-holdout's label rate that Platt scaling ties the level to), and the shift that moves a model's
-mean probability on some rows to a chosen rate (the anchoring variants). None of them won
-across the worlds (see bench/README.md, "Model quality across worlds"), so the package does
-not use them."""
+"""A variant multi_world.py evaluates beside the shipped model, not part of the pipeline: the
+next day's base rate from a trend over every labelled day of the window, instead of the
+holdout's label rate that Platt scaling ties the level to. It did not win across the worlds
+(see bench/README.md, "Model quality across worlds"), so the package does not use it."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit
-
-
-def mean_matching_shift(log_odds: np.ndarray, rate: float,
-                        weights: np.ndarray | None = None) -> float:
-    """The shift of the log-odds after which the rows' (weighted) mean probability is `rate`
-    (bisection: the mean is monotone in the shift)."""
-    lo, hi = -30.0, 30.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if np.average(expit(log_odds + mid), weights=weights) < rate:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def tracked_base_rate_log_odds(day_positives: np.ndarray, day_rows: np.ndarray,

@@ -42,7 +42,7 @@ import pandas as pd
 from scipy.special import expit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from level_tracking import mean_matching_shift, tracked_base_rate_log_odds  # noqa: E402
+from level_tracking import tracked_base_rate_log_odds  # noqa: E402
 from worlds import WORLDS, WorldData, draw_world, write_raw  # noqa: E402
 
 from rtb.config import ProjectPaths  # noqa: E402
@@ -50,13 +50,13 @@ from rtb.data.make_dataset import run_make_dataset  # noqa: E402
 from rtb.data.preprocessing import read_processed, run_preprocess  # noqa: E402
 from rtb.dataset_config import DatasetConfig, load_dataset_config  # noqa: E402
 from rtb.features import feature_frame  # noqa: E402
+from rtb.models.calibration import mean_matching_shift  # noqa: E402
 from rtb.models.limits import DEFAULT_LIMITS  # noqa: E402
 from rtb.models.metrics import EPS, normalized_entropy, rate_entropy  # noqa: E402
 from rtb.models.pipeline import CANDIDATES  # noqa: E402
 from rtb.models.training import (  # noqa: E402
     CandidateResult,
     Selection,
-    negative_downsample,
     refit_on_all_rows,
     select_model,
 )
@@ -73,12 +73,11 @@ TRUE_P, BASE_RATE = "true p", "constant base rate"
 # level variants applied to the refit (see `level_variants`).
 VARIANTS = {
     "early_fit": "early fit (no refit)",
+    "unanchored": "refit, not anchored",
     "level_tracked": "level-tracked (opt-in)",
     "anchored_to_holdout": "anchored to the holdout rate",
-    "anchored_to_early_fit": "anchored to the early fit",
-    "rate_shifted": "intercept moved by the rate change",
+    "anchored_in_sample": "anchored in-sample",
 }
-ANCHOR_ROWS = 150_000
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
@@ -127,7 +126,8 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
         rows[TRUE_P] = predictor_row(y, p_true, p_true, day)
     for result in selection.candidates:
         started = time.perf_counter()
-        model, _ = refit_on_all_rows(dataclasses.replace(selection, selected=result), cfg, seed=seed)
+        model, refit = refit_on_all_rows(dataclasses.replace(selection, selected=result), cfg,
+                                         seed=seed)
         p = np.asarray(model.predict_proba(X_test)[:, 1], dtype=np.float64)
         rows[result.name] = predictor_row(y, p, p_true, day) | {
             "train_seconds": result.seconds + time.perf_counter() - started,
@@ -137,7 +137,7 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
         # holdout: what shipping without the refit would give (no extra fit).
         early = np.asarray(result.pipeline.predict_proba(X_test)[:, 1], dtype=np.float64)
         rows[result.name]["early_fit"] = predictor_row(y, early, p_true, day)
-        for variant, shift in level_variants(selection, result, model, cfg, seed=seed).items():
+        for variant, shift in level_variants(selection, result, model, refit, cfg, seed=seed).items():
             rows[result.name][variant] = predictor_row(y, _shifted(p, shift), p_true, day)
     constant = np.empty(len(y))
     for d in np.unique(day):  # each day's own label rate: NE 1 and share of gain 0 by definition
@@ -148,19 +148,20 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
 
 
 def level_variants(selection: Selection, result: CandidateResult, model: object,
-                   cfg: DatasetConfig, *, seed: int) -> dict[str, float]:
-    """The log-odds shift each level variant applies to the refitted model's probabilities.
+                   refit: dict[str, object], cfg: DatasetConfig, *, seed: int) -> dict[str, float]:
+    """The log-odds shift each level variant applies to the shipped refit's probabilities.
 
+    - unanchored: without `level_anchor`'s shift (only the negative-share shift of the
+      early fit's Platt intercept: the pipeline before the anchor);
     - level_tracked: from the holdout's label rate to the base rate that a shrunk daily trend of
       the whole window expects on the first day after it (`tracked_base_rate_log_odds`);
     - anchored_to_holdout: the refit's mean probability on the holdout rows (scored as new
       rows are, i.e. in-sample for the refit) to the holdout's label rate;
-    - anchored_to_early_fit: the refit's mean probability on (a sample of) the early rows to
-      the early fit's mean there, both models having been fitted on those rows;
-    - rate_shifted: the Platt intercept moved by the change in the fitted rows' label log-odds
-      (sampling and period), instead of the change in the negative share alone.
+    - anchored_in_sample: the anchor to the early fit's level on early rows, but each row
+      scored with its own label in its encodings (plain `predict_proba`).
     """
     rows, y, holdout = selection.rows, selection.y, selection.holdout
+    shifts = {"unanchored": -float(refit["level_anchor"]["shift"])}
     # Natural counts: early negatives were kept at a share r, the holdout entirely.
     weight = np.where((y == 1) | holdout, 1.0, 1.0 / rows.negative_share)
     day = selection.frame[cfg.timestamp].dt.floor("D")
@@ -169,7 +170,7 @@ def level_variants(selection: Selection, result: CandidateResult, model: object,
     day_rows = np.bincount(index, weights=weight, minlength=len(full))
     day_positives = np.bincount(index, weights=(y == 1).astype(float), minlength=len(full))
     level = tracked_base_rate_log_odds(day_positives, day_rows, float(len(full)))
-    shifts = {"level_tracked": level - _log_odds(float(y[holdout].mean()))}
+    shifts["level_tracked"] = level - _log_odds(float(y[holdout].mean()))
 
     def refit_log_odds(at: np.ndarray) -> np.ndarray:
         return _log_odds(model.predict_proba(selection.X.iloc[at])[:, 1])
@@ -177,21 +178,13 @@ def level_variants(selection: Selection, result: CandidateResult, model: object,
     held = np.flatnonzero(holdout)
     shifts["anchored_to_holdout"] = mean_matching_shift(refit_log_odds(held), float(y[held].mean()))
     early_rows = np.flatnonzero(~holdout)
-    rng = np.random.default_rng(seed)
-    if len(early_rows) > ANCHOR_ROWS:
-        early_rows = np.sort(rng.choice(early_rows, ANCHOR_ROWS, replace=False))
+    if len(early_rows) > DEFAULT_LIMITS.anchor_max_rows:
+        early_rows = np.sort(np.random.default_rng(seed).choice(
+            early_rows, DEFAULT_LIMITS.anchor_max_rows, replace=False))
     early_p = result.pipeline.predict_proba(selection.X.iloc[early_rows])[:, 1]
-    shifts["anchored_to_early_fit"] = mean_matching_shift(
+    shifts["anchored_in_sample"] = mean_matching_shift(
         refit_log_odds(early_rows), float(np.average(early_p, weights=weight[early_rows])),
         weight[early_rows])
-    limits = DEFAULT_LIMITS
-    then = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
-    now = negative_downsample(y, rows.sampled(y), limits.refit_max_negatives, seed)
-    # What refit_on_all_rows applied: the change in the kept share of negatives.
-    kept_then = (y[then] == 0).sum() / (~holdout & (y == 0)).sum()
-    kept_now = (y[now] == 0).sum() / (rows.sampled(y) & (y == 0)).sum()
-    rate_change = _log_odds(float(y[then].mean())) - _log_odds(float(y[now].mean()))
-    shifts["rate_shifted"] = result.calibration["slope"] * (rate_change - np.log(kept_now / kept_then))
     return shifts
 
 

@@ -26,10 +26,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from level_tracking import mean_matching_shift
 from scipy.special import expit, ndtri
 
 from rtb.dataset_config import load_dataset_config
+from rtb.models.calibration import mean_matching_shift
 
 SCHEMA = load_dataset_config("rtb")
 # Column order of the raw logs (the order `rtb.data.generate` writes; the reader checks names).

@@ -1,7 +1,6 @@
-"""The level helpers of bench/level_tracking.py: the base-rate tracker multi_world.py
-evaluates (a stationary window must fall back to its overall rate, a real drift must be
-followed to the next day) and the mean-matching shift behind the worlds' intercepts and the
-anchoring variants."""
+"""The base-rate tracker bench/multi_world.py evaluates (bench/level_tracking.py): a
+stationary window must fall back to its overall rate, a real drift must be followed to the
+next day."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from conftest import REPO_ROOT
 from scipy.special import expit, logit
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from level_tracking import mean_matching_shift, tracked_base_rate_log_odds  # noqa: E402
+from level_tracking import tracked_base_rate_log_odds  # noqa: E402
 
 
 def test_stationary_days_give_the_overall_rate() -> None:
@@ -34,14 +33,3 @@ def test_a_clear_drift_is_extrapolated_to_the_next_day() -> None:
 def test_days_without_both_classes_are_ignored_and_two_days_pool() -> None:
     level = tracked_base_rate_log_odds(np.array([0, 20, 40]), np.array([0, 10_000, 10_000]), 3.0)
     assert expit(level) == pytest.approx(60 / 20_000)
-
-
-def test_the_mean_matching_shift_hits_the_rate_with_and_without_weights() -> None:
-    rng = np.random.default_rng(3)
-    log_odds = rng.normal(-4.0, 1.2, 50_000)
-    weights = np.where(log_odds > -4.0, 5.0, 1.0)  # the likelier rows count more
-    for w in (None, weights):
-        shift = mean_matching_shift(log_odds, 0.031, w)
-        assert np.average(expit(log_odds + shift), weights=w) == pytest.approx(0.031, rel=1e-9)
-    assert mean_matching_shift(log_odds, 0.031, weights) != pytest.approx(
-        mean_matching_shift(log_odds, 0.031), abs=0.1)

@@ -60,3 +60,28 @@ def test_encoding_tables_reproduce_transform() -> None:
         counts = np.where(found, table.log_counts[slot], table.unseen[1]).astype(np.float32)
         np.testing.assert_array_equal(encoded[:, 2 * position], odds)
         np.testing.assert_array_equal(encoded[:, 2 * position + 1], counts)
+
+
+def test_leave_one_out_encodings_drop_each_rows_own_label() -> None:
+    """A training row encoded without itself: its level's installs and rows minus its own,
+    with the fitted prior and strength (what a new row of that level would get had the row
+    not been there); a level of one row falls back to the prior and a count of 0."""
+    train = _frame(6_000, 3, 500)
+    train.loc[0, "campaign"] = "only-once"
+    y = (np.random.default_rng(4).random(len(train)) < 0.08).astype(int)
+    y[0] = 1
+    encoder = SmoothedTargetEncoder(crosses=(("campaign", "country"),)).fit(train, y)
+    loo = encoder.transform_leave_one_out(train, y)
+    full = encoder.transform(train)
+    prior = encoder.prior_
+    for position, group in enumerate(encoder.groups()):
+        key = train[list(group)].astype(str).agg("|".join, axis=1)
+        positives = pd.Series(y).groupby(key.to_numpy()).transform("sum").to_numpy() - y
+        rows = key.map(key.value_counts()).to_numpy() - 1
+        strength = encoder.smoothing_[position]
+        rate = (positives + strength * prior) / (rows + strength)
+        np.testing.assert_allclose(loo[:, 2 * position], np.log(rate / (1 - rate)), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(loo[:, 2 * position + 1], np.log1p(rows), rtol=0, atol=2e-5)
+        # A positive row's own label raised its full encoding; without it, it is lower.
+        assert (loo[y == 1, 2 * position] < full[y == 1, 2 * position]).all()
+    assert loo[0, 0] == np.float32(np.log(prior / (1 - prior))) and loo[0, 1] == 0.0

@@ -3,7 +3,8 @@
 Two parameters fitted on the latest (held-out) rows turn a model's scores into probabilities
 that match current install rates, and take out the shift negative downsampling puts into
 the log-odds. `cross_fitted_platt` gives holdout probabilities in which no row's calibration
-saw its own label, so the holdout metrics stay honest.
+saw its own label, so the holdout metrics stay honest. `mean_matching_shift` moves a model's
+level to a given mean probability (how the refit takes over the early fit's level).
 """
 
 from __future__ import annotations
@@ -46,3 +47,19 @@ def cross_fitted_platt(log_odds: np.ndarray, y: np.ndarray, seed: int) -> np.nda
         slope, intercept = fit_platt(log_odds[fit_rows], y[fit_rows])
         out[score_rows] = expit(slope * log_odds[score_rows] + intercept)
     return out
+
+
+def mean_matching_shift(log_odds: np.ndarray, rate: float, weights: np.ndarray | None = None) -> float:
+    """The shift of the log-odds after which the rows' (weighted) mean probability is `rate`.
+
+    Bisection, since the mean is monotone in the shift: sixty halvings of [-30, 30] leave an
+    interval far below float precision, whatever the start, with no step to cap.
+    """
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.average(expit(log_odds + mid), weights=weights) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

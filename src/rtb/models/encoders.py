@@ -223,6 +223,33 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
             out[:, 2 * position + 1] = np.where(found, log_counts[slot], 0.0)
         return out
 
+    def transform_leave_one_out(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+        """Encodings of rows the encoder was fitted on, each from its level's totals without
+        the row itself: how a new row of the same levels is encoded, without the row's own
+        label in its encodings (which `transform` of a training row includes, and which on a
+        level of a few rows, a user's ip say, is most of its encoding).
+
+        The totals are recovered from the fitted encodings; a level whose only row is this
+        one encodes as the prior with a count of 0, as an unseen level does."""
+        check_is_fitted(self, "tables_")
+        frame, target = pd.DataFrame(X), np.asarray(y, dtype=np.float64)
+        codes = self.level_codes(frame)
+        out = np.empty((len(frame), 2 * len(self.tables_)), dtype=np.float32)
+        for position, (group, (levels, log_odds, log_counts)) in enumerate(
+            zip(self.groups(), self.tables_, strict=True)
+        ):
+            slot = self._level_index(position, levels).get_indexer(self.group_keys(codes, group))
+            if (slot < 0).any():
+                raise ValueError(f"leave-one-out encoding of {'x'.join(group)}: a row's level was "
+                                 "not in the rows the encoder was fitted on")
+            strength = self.smoothing_[position]
+            rows = np.rint(np.expm1(log_counts[slot]))
+            rate = 1.0 / (1.0 + np.exp(-log_odds[slot]))
+            positives = rate * (rows + strength) - strength * self.prior_
+            out[:, 2 * position] = self._log_odds(positives - target, rows - 1.0, strength)
+            out[:, 2 * position + 1] = np.log1p(rows - 1.0)
+        return out
+
     def _dense_tables(
         self, position: int, group: tuple[str, ...], prior_log_odds: float
     ) -> tuple[np.ndarray, np.ndarray] | None:

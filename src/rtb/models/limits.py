@@ -16,6 +16,8 @@ class TrainingLimits:
     `min_class_rows` is what the 5-fold cross-fitted calibration needs of each class on each
     side of the time split. `cv_max_rows` bounds the report's cross-validation, which decides
     nothing: with the GBM selected, its folds on 300k rows outlasted the refit beside them.
+    `anchor_max_rows` bounds the early rows on which the refit takes over the early fit's level
+    (the mean of 150k probabilities is known to a fraction of a percent).
     """
 
     holdout_share: float = 0.2
@@ -23,6 +25,7 @@ class TrainingLimits:
     fit_max_negatives: int = 300_000
     refit_max_negatives: int = 600_000
     cv_max_rows: int = 150_000
+    anchor_max_rows: int = 150_000
     min_class_rows: int = 5
     score_chunk_rows: int = 250_000
     fit_threads: int = 2

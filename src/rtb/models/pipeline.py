@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.special import expit, logit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.compose import ColumnTransformer
@@ -65,6 +66,33 @@ class LogitRecalibrated(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: object) -> np.ndarray:
         return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+
+
+def leave_one_out_log_odds(pipeline: Pipeline, X: object, y: np.ndarray) -> np.ndarray:
+    """Calibrated log-odds of a fitted candidate on rows it was fitted on, scored as new rows
+    of the same levels would be: each target-encoded block through the encoder's
+    `transform_leave_one_out` (no row's own label in its encodings), every other block
+    through its usual transform. What the refit's level is compared on (see
+    `rtb.models.training.refit_on_all_rows`)."""
+    features, calibrated = pipeline.named_steps["features"], pipeline[-1]
+    blocks = []
+    for name, transformer, columns in features.transformers_:
+        if transformer == "drop" or (name == "remainder" and not len(columns)):
+            continue
+        part = X[columns]
+        steps = transformer.steps if isinstance(transformer, Pipeline) else [(name, transformer)]
+        if isinstance(steps[0][1], SmoothedTargetEncoder):
+            block = steps[0][1].transform_leave_one_out(part, y)
+            for _, step in steps[1:]:
+                block = step.transform(block)
+        else:
+            block = part.to_numpy() if transformer == "passthrough" else transformer.transform(part)
+        blocks.append(block)
+    if any(sp.issparse(block) for block in blocks):
+        matrix = sp.hstack([sp.csr_matrix(block) for block in blocks], format="csr")
+    else:
+        matrix = np.hstack([np.asarray(block) for block in blocks])
+    return calibrated.slope * calibrated.raw_log_odds(matrix) + calibrated.intercept
 
 
 # Models pickled before the function moved to `rtb.models.transforms` name it here, some by

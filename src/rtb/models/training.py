@@ -5,8 +5,9 @@ rows (negatives downsampled) and scored on the latest `holdout_share` of them (t
 Its Platt calibration is fitted on that holdout too, and the holdout metrics use
 cross-fitted calibration so they stay honest. The candidate with the best calibrated holdout
 log loss is selected; `refit_on_all_rows` then fits it again on every row (the latest rows
-are the most like tomorrow's), keeping the holdout's Platt mapping shifted by the change in
-negative sampling; `cross_validated` adds one shuffled K-fold `cross_validate` call for the
+are the most like tomorrow's), keeping the holdout's Platt slope, its intercept shifted by the
+change in negative sampling and anchored to the early fit's level (`level_anchor`);
+`cross_validated` adds one shuffled K-fold `cross_validate` call for the
 report. The rows come from `rtb.models.training_rows`, which applies the negative
 downsampling while reading, so a long window costs the memory of its sample. All functions
 here take data and return results; the CLI stage decides what runs beside what.
@@ -30,10 +31,10 @@ from sklearn.pipeline import Pipeline
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import feature_frame
-from rtb.models.calibration import cross_fitted_platt, fit_platt
+from rtb.models.calibration import cross_fitted_platt, fit_platt, mean_matching_shift
 from rtb.models.limits import DEFAULT_LIMITS, TrainingLimits
 from rtb.models.metrics import cv_scoring, cv_summary, probability_metrics
-from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline
+from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, leave_one_out_log_odds
 from rtb.models.training_rows import TrainingRows, rows_from_frame
 from rtb.progress import Progress
 
@@ -304,7 +305,8 @@ def refit_on_all_rows(
 
     The Platt step keeps the slope learned on the holdout; its intercept moves by
     slope * log(kept share of negatives now / then), which is exactly how negative
-    downsampling shifts a model's log-odds, so no second holdout is needed. "Every row" is
+    downsampling shifts a model's log-odds, and then by what `level_anchor` finds still
+    between the two models' levels, so no second holdout is needed. "Every row" is
     `TrainingRows.sampled`: all positives and the read-time share of the negatives, the
     holdout's included, so the negatives of the refit are a uniform sample of the window's.
     """
@@ -320,23 +322,61 @@ def refit_on_all_rows(
     model = build_pipeline(selected.name, cfg, seed)
     model.fit(selection.X.iloc[rows], y[rows])
     model.set_params(model__slope=slope, model__intercept=intercept + slope * shift)
+    early_rows = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
+    anchor = level_anchor(selection, model, np.intersect1d(early_rows, rows), seed=seed,
+                          max_rows=limits.anchor_max_rows)
+    model.set_params(model__intercept=intercept + slope * shift + anchor["shift"])
     refit = {
         "rows": int(len(rows)),
         "of_rows": selection.rows.plan.rows,
         "negatives_kept_share": kept_now,
         "early_fit_negatives_kept_share": kept_then,
         "platt_slope": slope,
-        "platt_intercept": intercept + slope * shift,
+        "platt_intercept": intercept + slope * shift + anchor["shift"],
+        "level_anchor": anchor,
         "seconds": round(time.perf_counter() - started, 2),
         "note": f"holdout metrics are of the same pipeline fitted on the {selection.parts[0]}",
     }
     log.info(
         "%s: refitted on all %d rows (%d after downsampling negatives to %.3f); Platt intercept "
-        "shifted by %.3f; %.1f s",
+        "shifted by %.3f for the negative share and by %+.3f to the early fit's level on %d "
+        "early rows (mean p %.5f, %.1f s); %.1f s",
         selected.name, selection.rows.plan.rows, len(rows), kept_now, slope * shift,
+        anchor["shift"], anchor["rows"], anchor["early_fit_mean_probability"], anchor["seconds"],
         refit["seconds"],
     )
     return model, refit
+
+
+def level_anchor(
+    selection: Selection, refitted: Pipeline, both: np.ndarray, *, seed: int, max_rows: int
+) -> dict[str, float | int]:
+    """The log-odds shift that gives the refitted model the early fit's level.
+
+    The early fit's Platt step was fitted where it is honest, on the holdout; the refit has no
+    holdout left, and its level differs from the early fit's by more than the negative share
+    (the target encoder fits on ordered statistics and scores with full totals, and that
+    mismatch is not the same for a model fitted on more rows). So both models score the same
+    rows, early rows both were fitted on (at most `max_rows`, classes weighted back to the
+    early rows' natural mix), each row encoded as a new row of its levels would be
+    (`leave_one_out_log_odds`: without its own label), and the refit is shifted until its mean
+    probability there is the early fit's.
+    """
+    started = time.perf_counter()
+    y, rows = selection.y, selection.rows
+    if len(both) > max_rows:
+        both = np.sort(np.random.default_rng(seed).choice(both, max_rows, replace=False))
+    early = ~selection.holdout
+    natural = {1: float(((y == 1) & early).sum()),
+               0: float(((y == 0) & early).sum()) / rows.negative_share}
+    taken = {c: max(int((y[both] == c).sum()), 1) for c in (0, 1)}
+    weights = np.where(y[both] == 1, natural[1] / taken[1], natural[0] / taken[0])
+    X, labels = selection.X.iloc[both], y[both].astype(np.float64)
+    early_log_odds = leave_one_out_log_odds(selection.selected.pipeline, X, labels)
+    target = float(np.average(expit(early_log_odds), weights=weights))
+    shift = mean_matching_shift(leave_one_out_log_odds(refitted, X, labels), target, weights)
+    return {"rows": int(len(both)), "early_fit_mean_probability": target, "shift": shift,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _negative_share(y: np.ndarray, rows: np.ndarray, max_negatives: int) -> float:
