@@ -294,7 +294,8 @@ def _brief(figures: dict | None) -> str:
 
 def selected_table(runs: list[dict]) -> list[str]:
     """The model the pipeline selected in each run, as shipped (refit on all rows), next to the
-    same candidate shipped without the refit and with the opt-in level tracking."""
+    same candidate's variants (`VARIANTS`: without the refit, without the level anchor, and
+    the level variants that were not kept)."""
     lines = ["### The selected model per world (next day)", "",
              "| world | rows | selected | share of gain | share (expected) | NE "
              "| calib vs labels | calib vs true p, day 1 / 2 | "

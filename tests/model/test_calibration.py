@@ -97,6 +97,8 @@ def test_refit_on_all_rows_keeps_the_calibration(tmp_path) -> None:
 
 
 def test_the_mean_matching_shift_hits_the_rate_with_and_without_weights() -> None:
+    """The solver behind the refit's level anchor: the shifted mean is the rate asked for,
+    and weights (the early rows' classes weighted back to their natural mix) change it."""
     rng = np.random.default_rng(3)
     log_odds = rng.normal(-4.0, 1.2, 50_000)
     weights = np.where(log_odds > -4.0, 5.0, 1.0)  # the likelier rows count more
