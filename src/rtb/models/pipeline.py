@@ -88,10 +88,11 @@ def leave_one_out_log_odds(pipeline: Pipeline, X: object, y: np.ndarray) -> np.n
         else:
             block = part.to_numpy() if transformer == "passthrough" else transformer.transform(part)
         blocks.append(block)
-    if any(sp.issparse(block) for block in blocks):
+    if features.sparse_output_:  # stacked as the fitted ColumnTransformer stacks its blocks
         matrix = sp.hstack([sp.csr_matrix(block) for block in blocks], format="csr")
     else:
-        matrix = np.hstack([np.asarray(block) for block in blocks])
+        matrix = np.hstack([block.toarray() if sp.issparse(block) else np.asarray(block)
+                            for block in blocks])
     return calibrated.slope * calibrated.raw_log_odds(matrix) + calibrated.intercept
 
 

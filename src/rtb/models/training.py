@@ -56,7 +56,11 @@ class CandidateResult:
     holdout_uncalibrated: dict[str, float]
     calibration: dict[str, float]
     seconds: float
-    fit_rows: int
+    fitted_rows: np.ndarray  # positions, among the kept rows, of the rows it was fitted on
+
+    @property
+    def fit_rows(self) -> int:
+        return len(self.fitted_rows)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -148,7 +152,7 @@ def fit_and_calibrate(
         holdout_uncalibrated=probability_metrics(y_hold, expit(log_odds)),
         calibration={"method": "platt_on_log_odds", "slope": slope, "intercept": intercept},
         seconds=time.perf_counter() - started,
-        fit_rows=int(len(fit_rows)),
+        fitted_rows=fit_rows,
     )
     log.info(
         "%s: holdout log_loss %.5f, NE %.4f, AUC %.4f, calibration %.3f (fitted on %d rows); %.1f s",
@@ -322,8 +326,7 @@ def refit_on_all_rows(
     model = build_pipeline(selected.name, cfg, seed)
     model.fit(selection.X.iloc[rows], y[rows])
     model.set_params(model__slope=slope, model__intercept=intercept + slope * shift)
-    early_rows = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
-    anchor = level_anchor(selection, model, np.intersect1d(early_rows, rows), seed=seed,
+    anchor = level_anchor(selection, model, np.intersect1d(selected.fitted_rows, rows), seed=seed,
                           max_rows=limits.anchor_max_rows)
     model.set_params(model__intercept=intercept + slope * shift + anchor["shift"])
     refit = {
