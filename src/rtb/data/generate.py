@@ -75,6 +75,7 @@ from rtb import partitions
 from rtb.dataset_config import DatasetConfig, load_dataset_config
 from rtb.errors import RtbError
 from rtb.io_utils import atomic_path
+from rtb.models.transforms import sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def _encode_chunk(
     """Simulate one chunk, draw its labels and render its CSV text (runs on a worker)."""
     rng = _rng(plan.seed, _STREAM_CHUNKS, int(test), index)
     rows = _simulate_rows(plan.world, rng, ts_ms, test=test)
-    p_true = _sigmoid(rows.logit + plan.intercept)
+    p_true = sigmoid(rows.logit + plan.intercept)
     install = None if test else (rng.random(len(p_true)) < p_true).astype(np.int8)
     first_row = lo + (plan.rows_train if test else 0)
     text = _render_csv(plan.world, rows, first_row, install)
@@ -553,11 +554,11 @@ def _build_world(rng: np.random.Generator) -> _World:
     lo, hi = -10.0, 10.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if float(country_w @ _sigmoid(mid + tilt)) < _IOS_SHARE:
+        if float(country_w @ sigmoid(mid + tilt)) < _IOS_SHARE:
             lo = mid
         else:
             hi = mid
-    country_ios = np.append(_sigmoid(lo + tilt), _IOS_SHARE)
+    country_ios = np.append(sigmoid(lo + tilt), _IOS_SHARE)
 
     # Source games: platform-specific integer ids; games launched later have larger ids.
     n_game = _N_GAMES_OLD + _N_GAMES_NEW
@@ -852,10 +853,10 @@ def _draw_history(
         counts[new_user] = 0
         np.minimum(counts, MAX_COUNT, out=counts)
 
-    view_share = _sigmoid(rng.normal(0.2, 0.8, n))
+    view_share = sigmoid(rng.normal(0.2, 0.8, n))
     view = np.floor(s_all * view_share + rng.random(n)).astype(np.int64)  # stochastic rounding
-    click = rng.binomial(view, _sigmoid(rng.normal(-4.3, 1.1, n)))
-    installs = rng.binomial(click, _sigmoid(rng.normal(-3.0, 1.0, n)))
+    click = rng.binomial(view, sigmoid(rng.normal(-4.3, 1.1, n)))
+    installs = rng.binomial(click, sigmoid(rng.normal(-3.0, 1.0, n)))
 
     in_day, in_week = s1 > 0, (s7 - s1) > 0
     k = np.where(in_day, s1, np.where(in_week, s7 - s1, s_all - s7))
@@ -883,16 +884,12 @@ def _pair_effect(a: np.ndarray, b: np.ndarray, salt: np.uint64, sd: float) -> np
     return ((u - 0.5) * (sd * np.sqrt(12.0))).astype(np.float32)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _calibrate_intercept(logit: np.ndarray, target: float) -> float:
     """Bisection on the intercept so that the mean true probability equals `target`."""
     lo, hi = -20.0, 5.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if float(_sigmoid(logit + mid).mean()) < target:
+        if float(sigmoid(logit + mid).mean()) < target:
             lo = mid
         else:
             hi = mid
@@ -1294,7 +1291,7 @@ def _encode_stream_chunk(plan: _Plan, job: _StreamJob, planted: int) -> _StreamC
             campaigns=job.day.campaigns,
             world_day=world_day,
         )
-        p_true = _sigmoid(rows.logit + plan.intercept)
+        p_true = sigmoid(rows.logit + plan.intercept)
         install = (rng.random(n) < p_true).astype(np.int8)
         installs, shift_rows = int(install.sum()), int((rows.campaign == planted).sum())
         text = _render_csv(plan.world, rows, job.first_row, install)

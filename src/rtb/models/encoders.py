@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from rtb.models.level_codes import DENSE_MAX_KEYS, fit_vocabulary, lookup_codes, mixed_radix_key
+from rtb.models.transforms import sigmoid
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ class SmoothedTargetEncoder(TransformerMixin, BaseEstimator):
                                  "not in the rows the encoder was fitted on")
             strength = self.smoothing_[position]
             rows = np.rint(np.expm1(log_counts[slot]))
-            rate = 1.0 / (1.0 + np.exp(-log_odds[slot]))
+            rate = sigmoid(log_odds[slot])
             positives = rate * (rows + strength) - strength * self.prior_
             out[:, 2 * position] = self._log_odds(positives - target, rows - 1.0, strength)
             out[:, 2 * position + 1] = np.log1p(rows - 1.0)
