@@ -55,12 +55,20 @@ def _containers(stack: Stack, service: str) -> dict[str, dict]:
          "--filter", f"label=com.docker.compose.service={service}"],
         capture_output=True, text=True, check=True,
     ).stdout.split()
+    return {c["Config"]["Hostname"]: c for c in _inspect(ids)}
+
+
+def _inspect(ids: list[str]) -> list[dict]:
+    """`docker inspect` of containers just listed; one removed in between (a job container
+    whose task ended) is left out instead of failing the call."""
     if not ids:
-        return {}
-    inspected = json.loads(subprocess.run(
-        ["docker", "inspect", *ids], capture_output=True, text=True, check=True
-    ).stdout)
-    return {c["Config"]["Hostname"]: c for c in inspected}
+        return []
+    done = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True)
+    errors = done.stderr.strip().splitlines()
+    vanished = bool(errors) and all("no such object" in line.lower() for line in errors)
+    if done.returncode != 0 and not vanished:
+        raise RuntimeError(f"docker inspect failed: {done.stderr.strip()}")
+    return json.loads(done.stdout or "[]")
 
 
 @dataclass
@@ -254,10 +262,7 @@ def _job_containers(key: str) -> list[dict]:
     """The job containers of one task instance (every try), by their targets.py label."""
     ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=rtb-pipeline.task-instance={key}"],
                          capture_output=True, text=True, check=True).stdout.split()
-    if not ids:
-        return []
-    return json.loads(subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True,
-                                     check=True).stdout)
+    return _inspect(ids)
 
 
 # Last in this file: it leaves the stack with one worker.
