@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     paths = ProjectPaths((args.project_dir or default_project_dir()).resolve())
     cfg = load_dataset_config()
-    frame = read_processed(paths.processed("train"), cfg, require_target=True)
+    frame = read_processed(paths.processed_arrow("train"), cfg, require_target=True)
     frame = frame.sort_values(cfg.timestamp, kind="stable", ignore_index=True).iloc[: args.rows]
     X, y = feature_frame(frame, cfg), frame[cfg.target].to_numpy()
     rows = raw_test_rows(paths, args.score_rows)
