@@ -126,7 +126,7 @@ def evaluate(train: pd.DataFrame, test: pd.DataFrame, y: np.ndarray, p_true: np.
         rows[TRUE_P] = predictor_row(y, p_true, p_true, day)
     for result in selection.candidates:
         started = time.perf_counter()
-        model, refit = refit_on_all_rows(dataclasses.replace(selection, selected=result), cfg,
+        model, refit = refit_on_all_rows(dataclasses.replace(selection, selected=result),
                                          seed=seed)
         p = np.asarray(model.predict_proba(X_test)[:, 1], dtype=np.float64)
         rows[result.name] = predictor_row(y, p, p_true, day) | {

@@ -65,6 +65,17 @@ def retention_days() -> int:
     return env_int(RETENTION_DAYS_ENV, DEFAULT_RETENTION_DAYS)
 
 
+EXTRA_CANDIDATES_ENV = "RTB_EXTRA_CANDIDATES"
+
+
+def extra_candidates() -> tuple[str, ...]:
+    """Optional candidates training adds to the default ones ($RTB_EXTRA_CANDIDATES, names
+    separated by commas, e.g. blend_target_encoded; default none). The names are checked
+    where the candidates are known (`rtb.models.make_training`)."""
+    text = os.environ.get(EXTRA_CANDIDATES_ENV, "")
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 PUBLISH_REDIS_URL_ENV = "RTB_PUBLISH_REDIS_URL"
 PUBLISH_TTL_SECONDS_ENV = "RTB_PUBLISH_TTL_SECONDS"
 

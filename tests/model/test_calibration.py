@@ -5,6 +5,8 @@ rows scored without their own labels."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,7 +63,8 @@ def test_vocabulary_from_category_codes_equals_the_string_count() -> None:
     assert "never-seen" not in fit_vocabulary(category, 1)
 
 
-def test_refit_on_all_rows_keeps_the_calibration(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["logreg_target_encoded", "blend_target_encoded"])
+def test_refit_on_all_rows_keeps_the_calibration(tmp_path, name: str) -> None:
     """The shipped model is refitted on every row with a different share of negatives kept;
     the Platt intercept must move by exactly that sampling shift (here ~1 in log-odds, a 2.6x
     error in predicted rates if it were forgotten)."""
@@ -73,8 +76,9 @@ def test_refit_on_all_rows_keeps_the_calibration(tmp_path) -> None:
     frame = read_processed(paths.processed_arrow("train"), cfg, require_target=True, with_id=False)
     limits = TrainingLimits(fit_max_negatives=800, refit_max_negatives=3000)
 
-    result = select_model(frame, cfg, limits=limits, candidates=("logreg_target_encoded",))
-    model, refit = refit_on_all_rows(result, cfg, seed=0, limits=limits)
+    result = select_model(frame, cfg, limits=limits, candidates=(name,))
+    result = dataclasses.replace(result, selected=next(c for c in result.candidates if c.name == name))
+    model, refit = refit_on_all_rows(result, seed=0, limits=limits)
 
     assert refit["of_rows"] == len(frame) and refit["rows"] > 2 * result.selected.fit_rows
     shift = np.log(refit["negatives_kept_share"] / refit["early_fit_negatives_kept_share"])
@@ -125,7 +129,7 @@ def test_the_refit_takes_over_the_early_fits_level(tmp_path) -> None:
     cfg = load_dataset_config("rtb")
     frame = _processed_train(tmp_path / "project", 8000, seed=5)
     selection = select_model(frame, cfg, candidates=("logreg_target_encoded",))
-    model, refit = refit_on_all_rows(selection, cfg, seed=0)
+    model, refit = refit_on_all_rows(selection, seed=0)
     both = np.flatnonzero(~selection.holdout)
     again = level_anchor(selection, model, both, seed=0, max_rows=len(both))
     assert again["shift"] == pytest.approx(0.0, abs=1e-6)
@@ -134,7 +138,8 @@ def test_the_refit_takes_over_the_early_fits_level(tmp_path) -> None:
     assert abs(refit["level_anchor"]["shift"]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["logreg_onehot", "logreg_target_encoded", "gbm_target_encoded"])
+@pytest.mark.parametrize("name", ["logreg_onehot", "logreg_target_encoded", "gbm_target_encoded",
+                                  "blend_target_encoded"])
 def test_leave_one_out_scoring_leaves_out_only_the_rows_own_label(tmp_path, name: str) -> None:
     """Without target encodings (the one-hot baseline) leave-one-out scoring is plain scoring.
     With them, a training row is scored as the same row would be by a model whose encoder had

@@ -16,6 +16,7 @@ from rtb.config import ProjectPaths
 from rtb.data.make_dataset import run_make_dataset
 from rtb.data.preprocessing import read_processed, run_preprocess
 from rtb.dataset_config import load_dataset_config
+from rtb.models.pipeline import CANDIDATES
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import multi_world  # noqa: E402
@@ -96,7 +97,7 @@ def test_tiny_multi_world_run_reports_consistent_figures(tmp_path) -> None:
     assert predictors["true p"]["calibration_per_day"] == pytest.approx([1.0, 1.0])
     assert predictors["constant base rate"]["share_of_gain"] == pytest.approx(0.0, abs=1e-12)
     assert predictors["constant base rate"]["normalized_entropy"] == pytest.approx(1.0)
-    for name in ("logreg_onehot", "logreg_target_encoded", "gbm_target_encoded"):
+    for name in CANDIDATES:
         figures = predictors[name]
         assert figures["share_of_gain"] < 1.0 and figures["train_seconds"] > 0
         assert len(figures["calibration_per_day"]) == WORLDS["additive"].test_days

@@ -26,7 +26,7 @@ from support.raw_requests import raw_rows
 
 from rtb.dataset_config import load_dataset_config
 from rtb.features import rows_frame
-from rtb.models.pipeline import CANDIDATES, LogitRecalibrated, build_pipeline
+from rtb.models.pipeline import BLEND, CANDIDATES, LogitRecalibrated, build_pipeline
 from rtb.scoring import lgbm_trees
 from rtb.scoring.compiled import compile_pipeline
 from rtb.scoring.errors import NotTabulable
@@ -81,8 +81,9 @@ def fitted(name: str, training: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
 def fit(name: str, training: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
     X, y = training
     pipeline = build_pipeline(name, CFG, seed=0)
-    if "gbm" in name:  # deeper trees: more thresholds, NaN splits and default directions
-        pipeline.set_params(model__estimator__min_child_samples=10)
+    trees = {"gbm_target_encoded": "model__estimator", BLEND: "model__estimator__trees"}
+    if name in trees:  # deeper trees: more thresholds, NaN splits and default directions
+        pipeline.set_params(**{f"{trees[name]}__min_child_samples": 10})
     pipeline.fit(X, y)
     pipeline.set_params(model__slope=0.83, model__intercept=-0.41)
     return pipeline

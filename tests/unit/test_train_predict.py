@@ -77,7 +77,7 @@ def test_train_writes_versioned_model_report_and_champion(trained) -> None:
     assert report["artifacts"]["input_sha256"] == sha256_file(trained.processed_arrow("train"))
     assert report["data"]["rows"] == 600
     assert report["promotion"]["promoted"] is True
-    assert set(report["candidates"]) >= {"logreg_onehot", "gbm_target_encoded"}
+    assert set(report["candidates"]) == {"logreg_onehot", "logreg_target_encoded", "gbm_target_encoded"}
     assert len(report["calibration"]["reliability"]) == 10
     assert "platform" in report["calibration"]["by_segment"]
     assert report["environment"]["libraries"]["scikit-learn"]
@@ -261,3 +261,30 @@ def test_scoring_in_parallel_chunks_equals_scoring_at_once(trained, monkeypatch,
     for _ in range(3):
         fresh = pickle.loads(pickle.dumps(pipeline))  # no lazy index built yet, as after loading
         np.testing.assert_allclose(make_predicting.predict(fresh, test, cfg), at_once, rtol=0, atol=1e-12)
+
+
+def test_extra_candidates_join_the_selection_and_an_unknown_one_is_refused(
+    tmp_path, run_cli, monkeypatch
+) -> None:
+    """$RTB_EXTRA_CANDIDATES adds the optional blend to the run (its report lists it, the
+    rule says how it was judged); a name that is no candidate is one line naming the
+    variable, a non-zero exit and no model or report."""
+    paths = prepared_project(tmp_path / "project")
+    monkeypatch.setenv("RTB_EXTRA_CANDIDATES", "blend_target_encoded")
+    result = run_cli("train", "--project-dir", str(paths.root))
+    assert result.code == 0, result.stderr
+    (report_path,) = paths.reports_dir.glob("report_*.yaml")
+    report = yaml.safe_load(report_path.read_text())
+    assert "blend_target_encoded" in report["candidates"]
+    assert report["candidates"]["blend_target_encoded"]["fit_rows"] == (
+        report["candidates"]["gbm_target_encoded"]["fit_rows"])
+    assert report["selected"]["rule"].startswith("lowest calibrated log loss on the time holdout")
+
+    monkeypatch.setenv("RTB_EXTRA_CANDIDATES", "blend_target_encoded, deep_forest")
+    before = sorted(p.name for p in (*paths.models_dir.iterdir(), *paths.reports_dir.iterdir()))
+    result = run_cli("train", "--project-dir", str(paths.root))
+    assert result.code != 0
+    assert error_line(result.stderr) == (
+        "rtb: error: $RTB_EXTRA_CANDIDATES: unknown candidate(s) ['deep_forest']; "
+        "optional ones: ['blend_target_encoded']")
+    assert sorted(p.name for p in (*paths.models_dir.iterdir(), *paths.reports_dir.iterdir())) == before

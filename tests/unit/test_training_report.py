@@ -8,7 +8,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 
 from rtb.dataset_config import load_dataset_config
-from rtb.models.pipeline import CANDIDATES, build_pipeline
+from rtb.models.pipeline import BLEND, CANDIDATES, build_pipeline
 from rtb.models.training_report import plain_params
 
 CFG = load_dataset_config("rtb")
@@ -48,4 +48,5 @@ def test_every_reported_value_is_what_the_pipeline_holds(name: str) -> None:
             assert value == held[key].__class__.__name__, key
         elif isinstance(value, int | float) and not isinstance(value, bool):
             assert np.isclose(held[key], value), key
-    assert "model__estimator__class_weight" in held and "model__estimator__class_weight" not in params
+    linear = "model__estimator__linear__" if name == BLEND else "model__estimator__"
+    assert f"{linear}class_weight" in held and f"{linear}class_weight" not in params

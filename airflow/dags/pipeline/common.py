@@ -20,8 +20,9 @@ Settings come from the environment that docker-compose.yaml gives every Airflow 
   (this host's engine by default; a remote engine; or pods on Kubernetes): see targets.py.
 - RTB_PARTITION_WAIT_SECONDS / RTB_PARTITION_POKE_SECONDS: how long a run waits for its raw
   partition's `_SUCCESS` marker (default an hour) and how often it looks (default 30 s).
-- RTB_TRAIN_WINDOW_DAYS, RTB_RETENTION_DAYS, RTB_DRIFT_*: passed on to the job containers,
-  which read them (see README, "Running over time").
+- RTB_TRAIN_WINDOW_DAYS, RTB_RETENTION_DAYS, RTB_DRIFT_*, RTB_QUALITY_*,
+  RTB_EXTRA_CANDIDATES: passed on to the job containers, which read them (see README,
+  "Running over time" and "Models").
 
 What a run works on is decided by `rtb plan` inside the job image (which partitions an
 interval covers, or the single-file mode): it prints one JSON line, and the DAGs only turn it
@@ -59,7 +60,7 @@ PARTITION_POKE_SECONDS = int(os.environ.get("RTB_PARTITION_POKE_SECONDS", "30"))
 # Settings the job containers read; the DAGs only pass them through.
 JOB_SETTINGS = ("RTB_TRAIN_WINDOW_DAYS", "RTB_RETENTION_DAYS", "RTB_DRIFT_PSI",
                 "RTB_DRIFT_UNSEEN_SHARE", "RTB_DRIFT_MIN_ROWS", "RTB_QUALITY_CALIBRATION_LOW",
-                "RTB_QUALITY_CALIBRATION_HIGH")
+                "RTB_QUALITY_CALIBRATION_HIGH", "RTB_EXTRA_CANDIDATES")
 PUBLISH_SETTINGS = ("RTB_PUBLISH_REDIS_URL", "RTB_PUBLISH_TTL_SECONDS")
 
 # The promoted model: train_pipeline's training task updates it (or leaves it as it was).

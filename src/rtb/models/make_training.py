@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import joblib
 import pandas as pd
 
-from rtb import partitions
+from rtb import partitions, settings
 from rtb.config import ProjectPaths, claimed_version
 from rtb.data.make_dataset import META_SOURCE_FILES, META_SOURCE_SHA
 from rtb.data.preprocessing import hand_over_info
@@ -152,6 +152,18 @@ def reference_profile(selection: Selection, cfg: DatasetConfig, version: str) ->
     }
 
 
+def _default_candidates() -> tuple[str, ...]:
+    """The default candidates plus the optional ones $RTB_EXTRA_CANDIDATES names."""
+    from rtb.models.pipeline import CANDIDATES, DEFAULT_CANDIDATES, OPTIONAL_CANDIDATES
+
+    extra = settings.extra_candidates()
+    unknown = [name for name in extra if name not in CANDIDATES]
+    if unknown:
+        raise RtbError(f"${settings.EXTRA_CANDIDATES_ENV}: unknown candidate(s) {unknown}; "
+                       f"optional ones: {list(OPTIONAL_CANDIDATES)}")
+    return DEFAULT_CANDIDATES + tuple(name for name in extra if name not in DEFAULT_CANDIDATES)
+
+
 def run_training(
     paths: ProjectPaths,
     cfg: DatasetConfig,
@@ -165,8 +177,8 @@ def run_training(
 ) -> Path:
     """CLI stage: processed hand-over (or a window of daily ones) -> versioned pickle, plots,
     report and drift profile; champion pointer if promoted. A failure takes back the new files
-    this run wrote, never older ones. `candidates` narrows the selection (default: every
-    candidate; the baseline always takes part)."""
+    this run wrote, never older ones. `candidates` narrows the selection (default: the default
+    candidates and those $RTB_EXTRA_CANDIDATES adds; the baseline always takes part)."""
     started = time.perf_counter()
     if trigger_reason:
         log.info("training triggered: %s", trigger_reason)
@@ -193,7 +205,6 @@ def run_training(
         input_sha, label = data.inputs, list(data.inputs)
     log.info("read %d rows from %s, kept %d, in %.1f s", rows.plan.rows, source, len(rows.frame),
              time.perf_counter() - started)
-    from rtb.models.pipeline import CANDIDATES
     from rtb.models.promotion import compare_with_champion, promotion_line
     from rtb.models.report_plots import write_report_plots
     from rtb.models.training import select_model
@@ -201,7 +212,7 @@ def run_training(
 
     selection = select_model(rows, cfg, seed=seed, limits=limits, source=str(source),
                              holdout_starts=holdout_starts,
-                             candidates=tuple(CANDIDATES) if candidates is None else candidates)
+                             candidates=_default_candidates() if candidates is None else candidates)
     del rows
 
     def taken(version: str) -> bool:
@@ -313,7 +324,7 @@ def _refit_and_persist(
     from rtb.models.training import refit_on_all_rows
     from rtb.models.training_report import baseline_comparison
 
-    model, refit = refit_on_all_rows(selection, cfg, seed=seed, limits=limits)
+    model, refit = refit_on_all_rows(selection, seed=seed, limits=limits)
     model_path = paths.model(version)
     with atomic_path(model_path) as tmp:
         joblib.dump(model, tmp, compress=3)

@@ -7,6 +7,11 @@ probability: `pipeline.predict_proba(processed_df)` is the whole scoring path.
   logistic regression. Robust on small data, cheap to serve.
 - `gbm_target_encoded`: the same encodings plus raw numerics into LightGBM, which finds the
   non-linear recency and history effects and their interactions.
+- `blend_target_encoded` (optional, `OPTIONAL_CANDIDATES`): both of the above on one set of
+  encodings, their log-odds mixed by a weight fitted on the holdout (`LinearTreeBlend`). The
+  two err differently (the linear model extrapolates smoothly over rare levels, the trees find
+  shapes), so where neither dominates the blend beats both; the time holdout decides whether
+  it does on the data at hand.
 
 Every pipeline ends in `LogitRecalibrated`, a Platt step on the log-odds whose two parameters
 are fitted on the latest (held-out) data, so probabilities match current install rates.
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from scipy.special import expit, logit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
@@ -144,6 +150,10 @@ def _target_encoder(cfg: DatasetConfig, seed: int) -> SmoothedTargetEncoder:
     return SmoothedTargetEncoder(crosses=tuple(tuple(c) for c in cfg.crosses), smoothing="auto")
 
 
+def _linear_model() -> LogisticRegression:
+    return LogisticRegression(C=1.0, max_iter=300, tol=1e-5)
+
+
 def build_logreg_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
     features = ColumnTransformer(
         _with_numeric(
@@ -153,17 +163,13 @@ def build_logreg_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
             _numeric_block(log_counts=True),
         )
     )
-    model = LogisticRegression(C=1.0, max_iter=300, tol=1e-5)
-    return Pipeline([("features", features), ("model", LogitRecalibrated(model))])
+    return Pipeline([("features", features), ("model", LogitRecalibrated(_linear_model()))])
 
 
-def build_gbm_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
-    features = ColumnTransformer(
-        _with_numeric(cfg, ("target", _target_encoder(cfg, seed), cfg.categorical), "passthrough")
-    )
+def _trees(seed: int) -> BaseEstimator:
     from lightgbm import LGBMClassifier  # a slow import; scoring a linear champion never needs it
 
-    model = LGBMClassifier(
+    return LGBMClassifier(
         n_estimators=120,
         learning_rate=0.08,
         num_leaves=15,
@@ -178,14 +184,135 @@ def build_gbm_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
         random_state=seed,
         verbose=-1,
     )
-    return Pipeline([("features", features), ("model", LogitRecalibrated(model))])
 
+
+def _encoded_with_raw_numerics(cfg: DatasetConfig, seed: int) -> ColumnTransformer:
+    return ColumnTransformer(
+        _with_numeric(cfg, ("target", _target_encoder(cfg, seed), cfg.categorical), "passthrough")
+    )
+
+
+def build_gbm_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
+    return Pipeline([("features", _encoded_with_raw_numerics(cfg, seed)),
+                     ("model", LogitRecalibrated(_trees(seed)))])
+
+
+class LinearTreeBlend(ClassifierMixin, BaseEstimator):
+    """A logistic regression (`linear`) and LightGBM (`trees`) on the same matrix (target
+    encodings, then `n_numeric` raw numeric columns), their log-odds mixed with
+    `linear_weight` on the linear one.
+
+    The linear side sees what `logreg_target_encoded` sees (encodings standardised; numerics
+    imputed, log-compressed and standardised by the same `_numeric_block`), the trees what
+    `gbm_target_encoded` sees. So the blend of two candidates fitted on the same rows needs no
+    fit of its own (`from_members`), and as one estimator behind one set of encodings it
+    calibrates, refits, re-anchors and tabulates as any other candidate.
+    """
+
+    def __init__(self, linear: BaseEstimator, trees: BaseEstimator, n_numeric: int = 0,
+                 linear_weight: float = 0.5):
+        self.linear = linear
+        self.trees = trees
+        self.n_numeric = n_numeric
+        self.linear_weight = linear_weight
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearTreeBlend:
+        encoded, numeric = self._split(np.asarray(X))
+        self.scaler_ = StandardScaler().fit(encoded)
+        self.numeric_ = _numeric_block(log_counts=True).fit(numeric) if numeric.shape[1] else None
+        self.linear_ = clone(self.linear).fit(self._linear_input(encoded, numeric), y)
+        self.trees_ = clone(self.trees).fit(X, y)
+        self.classes_ = self.trees_.classes_
+        return self
+
+    @classmethod
+    def from_members(cls, linear: Pipeline, trees: Pipeline, *, linear_weight: float = 0.5
+                     ) -> LinearTreeBlend:
+        """The blend of a fitted `logreg_target_encoded` and `gbm_target_encoded` (fitted on
+        the same rows, so their encodings are the same), without fitting anything."""
+        blocks = linear.named_steps["features"].named_transformers_
+        numeric = blocks.get("numeric")
+        blend = cls(linear[-1].estimator, trees[-1].estimator,
+                    n_numeric=0 if numeric is None else len(numeric.feature_names_in_),
+                    linear_weight=linear_weight)
+        blend.scaler_ = blocks["target"][-1]
+        blend.numeric_ = numeric
+        blend.linear_ = linear[-1].estimator_
+        blend.trees_ = trees[-1].estimator_
+        blend.classes_ = blend.trees_.classes_
+        return blend
+
+    def _split(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cut = X.shape[1] - self.n_numeric
+        return X[:, :cut], X[:, cut:]
+
+    def _linear_input(self, encoded: np.ndarray, numeric: np.ndarray) -> np.ndarray:
+        blocks = [self.scaler_.transform(encoded)]
+        if self.numeric_ is not None:
+            names = getattr(self.numeric_, "feature_names_in_", None)  # a member's was named
+            frame = numeric if names is None else pd.DataFrame(numeric, columns=names)
+            blocks.append(self.numeric_.transform(frame))
+        return np.hstack(blocks)
+
+    def linear_log_odds(self, X: np.ndarray) -> np.ndarray:
+        """The linear side's log-odds (what `logreg_target_encoded` would give)."""
+        check_is_fitted(self, "linear_")
+        return np.asarray(self.linear_.decision_function(self._linear_input(*self._split(
+            np.asarray(X)))), dtype=np.float64)
+
+    def tree_log_odds(self, X: np.ndarray) -> np.ndarray:
+        """The trees' raw score (what `gbm_target_encoded` would give)."""
+        check_is_fitted(self, "trees_")
+        return np.asarray(self.trees_.predict(np.asarray(X), raw_score=True), dtype=np.float64)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        weight = self.linear_weight
+        return weight * self.linear_log_odds(X) + (1.0 - weight) * self.tree_log_odds(X)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        positive = expit(self.decision_function(X))
+        return np.column_stack([1.0 - positive, positive])
+
+    @property
+    def feature_importances_(self) -> np.ndarray:
+        """The trees' share of split gain per input (what the report's plot shows)."""
+        gain = np.asarray(self.trees_.booster_.feature_importance(importance_type="gain"), float)
+        return gain / gain.sum() if gain.sum() > 0 else gain
+
+
+def build_blend_target_encoded(cfg: DatasetConfig, seed: int = 0) -> Pipeline:
+    blend = LinearTreeBlend(_linear_model(), _trees(seed), n_numeric=len(cfg.feature_numerical))
+    return Pipeline([("features", _encoded_with_raw_numerics(cfg, seed)),
+                     ("model", LogitRecalibrated(blend))])
+
+
+def blend_of(linear: Pipeline, trees: Pipeline, *, linear_weight: float = 0.5) -> Pipeline:
+    """The fitted `blend_target_encoded` made of a fitted `logreg_target_encoded` and
+    `gbm_target_encoded` that saw the same rows (uncalibrated: its Platt step is still to be
+    fitted). Selection gets the blend's holdout figures without a third fit."""
+    blended = LogitRecalibrated(LinearTreeBlend.from_members(linear, trees,
+                                                             linear_weight=linear_weight))
+    blended.estimator_ = blended.estimator
+    blended.classes_ = blended.estimator.classes_
+    return Pipeline([("features", trees.named_steps["features"]), ("model", blended)])
+
+
+BLEND = "blend_target_encoded"
+# A blend is made of candidates fitted on the same rows: (linear member, tree member).
+BLEND_MEMBERS = ("logreg_target_encoded", "gbm_target_encoded")
 
 CANDIDATES: dict[str, Callable[[DatasetConfig, int], Pipeline]] = {
     BASELINE: build_logreg_onehot,
     "logreg_target_encoded": build_logreg_target_encoded,
     "gbm_target_encoded": build_gbm_target_encoded,
+    "blend_target_encoded": build_blend_target_encoded,
 }
+
+
+# Candidates a run fits only when asked ($RTB_EXTRA_CANDIDATES): the blend costs both its
+# members' time in every refit and prediction, beyond the benchmark's speed goal.
+OPTIONAL_CANDIDATES = (BLEND,)
+DEFAULT_CANDIDATES = tuple(name for name in CANDIDATES if name not in OPTIONAL_CANDIDATES)
 
 
 def build_pipeline(name: str, cfg: DatasetConfig, seed: int = 0) -> Pipeline:

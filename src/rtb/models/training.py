@@ -3,11 +3,12 @@
 Validation is time-aware because RTB data drifts: each candidate is fitted on the earliest
 rows (negatives downsampled) and scored on the latest `holdout_share` of them (the holdout).
 Its Platt calibration is fitted on that holdout too, and the holdout metrics use
-cross-fitted calibration so they stay honest. The candidate with the best calibrated holdout
-log loss is selected; `refit_on_all_rows` then fits it again on every row (the latest rows
-are the most like tomorrow's), keeping the holdout's Platt slope, its intercept shifted by the
-change in negative sampling and anchored to the early fit's level (`level_anchor`);
-`cross_validated` adds one shuffled K-fold `cross_validate` call for the
+cross-fitted calibration so they stay honest. The blend candidate is made of two others'
+fits (`blended_candidate`), so it costs no fit of its own. The candidate with the best
+calibrated holdout log loss is selected; `refit_on_all_rows` then fits it again on every row
+(the latest rows are the most like tomorrow's), keeping the holdout's Platt slope, its
+intercept shifted by the change in negative sampling and anchored to the early fit's level
+(`level_anchor`); `cross_validated` adds one shuffled K-fold `cross_validate` call for the
 report. The rows come from `rtb.models.training_rows`, which applies the negative
 downsampling while reading, so a long window costs the memory of its sample. All functions
 here take data and return results; the CLI stage decides what runs beside what.
@@ -31,10 +32,29 @@ from sklearn.pipeline import Pipeline
 from rtb.dataset_config import DatasetConfig
 from rtb.errors import RtbError
 from rtb.features import feature_frame
-from rtb.models.calibration import cross_fitted_platt, fit_platt, mean_matching_shift
+from rtb.models.calibration import (
+    blend_weight,
+    blended,
+    cross_fitted_platt,
+    fit_platt,
+    mean_matching_shift,
+)
 from rtb.models.limits import DEFAULT_LIMITS, TrainingLimits
-from rtb.models.metrics import cv_scoring, cv_summary, probability_metrics
-from rtb.models.pipeline import BASELINE, CANDIDATES, build_pipeline, leave_one_out_log_odds
+from rtb.models.metrics import (
+    bootstrap_log_loss_uplift,
+    cv_scoring,
+    cv_summary,
+    probability_metrics,
+)
+from rtb.models.pipeline import (
+    BASELINE,
+    BLEND,
+    BLEND_MEMBERS,
+    CANDIDATES,
+    blend_of,
+    build_pipeline,
+    leave_one_out_log_odds,
+)
 from rtb.models.training_rows import TrainingRows, rows_from_frame
 from rtb.progress import Progress
 
@@ -57,6 +77,7 @@ class CandidateResult:
     calibration: dict[str, float]
     seconds: float
     fitted_rows: np.ndarray  # positions, among the kept rows, of the rows it was fitted on
+    holdout_log_odds: np.ndarray  # uncalibrated, what its Platt step was fitted on
 
     @property
     def fit_rows(self) -> int:
@@ -72,6 +93,9 @@ class CandidateResult:
         }
 
 
+SELECTION_RULE = "lowest calibrated log loss on the time holdout"
+
+
 @dataclass
 class Selection:
     """The candidates fitted on the early rows and the one selected, with the rows they saw
@@ -82,6 +106,7 @@ class Selection:
     rows: TrainingRows
     X: pd.DataFrame
     y: np.ndarray
+    rule: str = SELECTION_RULE
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -139,11 +164,28 @@ def fit_and_calibrate(
     started = time.perf_counter()
     fit_rows = negative_downsample(y, ~holdout, limits.fit_max_negatives, seed)
     pipeline.fit(X.iloc[fit_rows], y[fit_rows])
-    X_hold, y_hold = X[holdout], y[holdout]
-    log_odds = holdout_log_odds(pipeline, X_hold, limits.score_chunk_rows)
+    log_odds = holdout_log_odds(pipeline, X[holdout], limits.score_chunk_rows)
+    return calibrated_result(name, pipeline, log_odds, y[holdout], fit_rows, started, seed=seed)
+
+
+def calibrated_result(
+    name: str,
+    pipeline: Pipeline,
+    log_odds: np.ndarray,
+    y_hold: np.ndarray,
+    fit_rows: np.ndarray,
+    started: float,
+    *,
+    seed: int,
+    cross_fitted_on: np.ndarray | None = None,
+) -> CandidateResult:
+    """A fitted pipeline's Platt step fitted on its holdout log-odds, and its holdout figures
+    with that step cross-fitted (so they stay honest); `cross_fitted_on` is what the
+    cross-fitting redoes per fold when more than the Platt step was fitted on the holdout."""
     slope, intercept = fit_platt(log_odds, y_hold)
     pipeline.set_params(model__slope=slope, model__intercept=intercept)
-    calibrated = cross_fitted_platt(log_odds, y_hold, seed)
+    calibrated = cross_fitted_platt(log_odds if cross_fitted_on is None else cross_fitted_on,
+                                    y_hold, seed)
     result = CandidateResult(
         name=name,
         pipeline=pipeline,
@@ -153,6 +195,7 @@ def fit_and_calibrate(
         calibration={"method": "platt_on_log_odds", "slope": slope, "intercept": intercept},
         seconds=time.perf_counter() - started,
         fitted_rows=fit_rows,
+        holdout_log_odds=log_odds,
     )
     log.info(
         "%s: holdout log_loss %.5f, NE %.4f, AUC %.4f, calibration %.3f (fitted on %d rows); %.1f s",
@@ -165,6 +208,24 @@ def fit_and_calibrate(
         result.seconds,
     )
     return result
+
+
+def blended_candidate(linear: CandidateResult, trees: CandidateResult, y_hold: np.ndarray, *,
+                      seed: int) -> CandidateResult:
+    """`blend_target_encoded` from its two members as fitted for selection: no fit of its
+    own; the weight of their log-odds and its Platt step fitted on the holdout (both redone
+    in each fold of the cross-fitted holdout figures)."""
+    if not np.array_equal(linear.fitted_rows, trees.fitted_rows):
+        raise RtbError(f"{linear.name} and {trees.name} were fitted on different rows; "
+                       "their blend needs the same")
+    started = time.perf_counter()
+    pair = np.column_stack([linear.holdout_log_odds, trees.holdout_log_odds])
+    weight = blend_weight(pair, y_hold)
+    log.info("%s: weight %.3f on %s, %.3f on %s", BLEND, weight, linear.name, 1 - weight,
+             trees.name)
+    pipeline = blend_of(linear.pipeline, trees.pipeline, linear_weight=weight)
+    return calibrated_result(BLEND, pipeline, blended(pair, weight), y_hold, linear.fitted_rows,
+                             started, seed=seed, cross_fitted_on=pair)
 
 
 def holdout_log_odds(pipeline: Pipeline, X: pd.DataFrame, chunk_rows: int) -> np.ndarray:
@@ -223,23 +284,53 @@ def select_model(
     X = feature_frame(frame, cfg)
     log.info("training on %s; %d rows kept (%d early, %d holdout)", rows.plan.describe(),
              len(y), int((~holdout).sum()), int(holdout.sum()))
-    progress = Progress(log, "train", len(candidates))
+    # The blend is made of two candidates' fits, so those are fitted whether asked for or not.
+    fitted = [name for name in candidates if name != BLEND]
+    if BLEND in candidates:
+        fitted += [name for name in BLEND_MEMBERS if name not in fitted]
+    progress = Progress(log, "train", len(fitted))
     # Two candidates at a time: the linear ones spend their time in numpy/scipy kernels that
     # release the GIL and use one core each, so a second thread nearly halves the wall time.
     with ThreadPoolExecutor(max_workers=limits.fit_threads, thread_name_prefix="fit") as pool:
         futures = {
             pool.submit(fit_candidate, name, cfg, X, y, holdout, seed=seed, limits=limits): name
-            for name in sorted(candidates, key=lambda name: -FIT_COST_HINT.get(name, 0))
+            for name in sorted(fitted, key=lambda name: -FIT_COST_HINT.get(name, 0))
         }
         for future in as_completed(futures):
             future.result()
             progress.advance(f"candidate {futures[future]}")
     by_name = {futures[future]: future.result() for future in futures}
+    if BLEND in candidates:
+        by_name[BLEND] = blended_candidate(*(by_name[name] for name in BLEND_MEMBERS),
+                                           y[holdout], seed=seed)
     results = [by_name[name] for name in candidates]
     release_freed_memory()
     selected = min(results, key=lambda r: r.holdout["log_loss"])
+    selected, rule = blend_only_beyond_noise(selected, results, y[holdout], seed=seed)
     log.info("selected %s (holdout log_loss %.5f)", selected.name, selected.holdout["log_loss"])
-    return Selection(selected, results, rows, X, y)
+    return Selection(selected, results, rows, X, y, rule)
+
+
+def blend_only_beyond_noise(selected: CandidateResult, results: list[CandidateResult],
+                             y_hold: np.ndarray, *, seed: int) -> tuple[CandidateResult, str]:
+    """The blend costs both its members' time in every refit and every prediction, so it
+    replaces the better of them only when its holdout uplift over that member is beyond noise
+    (the paired bootstrap's 95% interval above 0, as the report's comparisons are judged).
+    Where its members are not among the candidates asked for, it stands as selected."""
+    members = [r for r in results if r.name in BLEND_MEMBERS]
+    if selected.name != BLEND or not members:
+        return selected, SELECTION_RULE
+    member = min(members, key=lambda r: r.holdout["log_loss"])
+    uplift = bootstrap_log_loss_uplift(y_hold, selected.holdout_probabilities,
+                                       member.holdout_probabilities, seed=seed)
+    beyond_noise = uplift["ci95_low"] > 0
+    log.info("%s over %s: holdout log-loss uplift %.3g (%.3f%%), 95%% interval [%.3g, %.3g]: %s",
+             BLEND, member.name, uplift["uplift"], 100 * uplift["relative"], uplift["ci95_low"],
+             uplift["ci95_high"], "blend kept" if beyond_noise else f"within noise, {member.name} kept")
+    rule = (f"{SELECTION_RULE}; {BLEND} only where its uplift over its better member is beyond "
+            f"noise (paired bootstrap 95% interval over {member.name}: "
+            f"[{uplift['ci95_low']:.3g}, {uplift['ci95_high']:.3g}])")
+    return (selected if beyond_noise else member), rule
 
 
 def release_freed_memory() -> None:
@@ -303,7 +394,7 @@ def _cv_sample(n_rows: int, seed: int, max_rows: int) -> np.ndarray:
 
 
 def refit_on_all_rows(
-    selection: Selection, cfg: DatasetConfig, *, seed: int, limits: TrainingLimits = DEFAULT_LIMITS
+    selection: Selection, *, seed: int, limits: TrainingLimits = DEFAULT_LIMITS
 ) -> tuple[Pipeline, dict[str, object]]:
     """The selected pipeline fitted again on every row (negatives downsampled), calibrated.
 
@@ -323,7 +414,7 @@ def refit_on_all_rows(
     kept_now = read_share * _negative_share(y, everything, limits.refit_max_negatives)
     slope, intercept = selected.calibration["slope"], selected.calibration["intercept"]
     shift = float(np.log(kept_now / kept_then))
-    model = build_pipeline(selected.name, cfg, seed)
+    model = clone(selected.pipeline)  # its recipe, with what selection chose (a blend's weight)
     model.fit(selection.X.iloc[rows], y[rows])
     model.set_params(model__slope=slope, model__intercept=intercept + slope * shift)
     anchor = level_anchor(selection, model, np.intersect1d(selected.fitted_rows, rows), seed=seed,

@@ -191,7 +191,7 @@ def build_report(
         "selected": {
             "name": selected.name,
             "holdout_log_loss": selected.holdout["log_loss"],
-            "rule": "lowest calibrated log loss on the time holdout",
+            "rule": selection.rule,
         },
         "cv": cv,
         "holdout": selected.holdout,

@@ -93,10 +93,25 @@ class LinearHead:
 
 @dataclass(frozen=True)
 class TreeHead:
-    """LightGBM on the tables' values followed by the numeric block's, in that order."""
+    """LightGBM on the tables' values followed by the numeric block's, in that order (`model`
+    is the fitted LGBMClassifier)."""
 
     model: object
     ensemble: lgbm_trees.Ensemble
+
+
+@dataclass(frozen=True)
+class BlendHead:
+    """`LinearTreeBlend`: a `TreeHead` on the tables' values and a `LinearHead` with tables of
+    its own (`linear_groups`, each key's contribution to the linear log-odds, keyed as
+    `ScoringTables.groups`) and its own numeric block on the same raw numeric columns; the
+    two log-odds weighted `linear_weight` : 1 - `linear_weight`."""
+
+    trees: TreeHead
+    linear: LinearHead
+    linear_groups: tuple[KeyTable, ...]
+    linear_numeric: NumericBlock | None
+    linear_weight: float
 
 
 @dataclass(frozen=True)
@@ -107,12 +122,14 @@ class ScoringTables:
     vocabularies: tuple[pd.Index, ...]
     groups: tuple[KeyTable, ...]
     numeric: NumericBlock | None
-    head: LinearHead | TreeHead
+    head: LinearHead | TreeHead | BlendHead
     slope: float
     intercept: float
 
     @property
     def kind(self) -> str:
+        if isinstance(self.head, BlendHead):
+            return "logistic_regression+lightgbm"
         return "lightgbm" if isinstance(self.head, TreeHead) else "logistic_regression"
 
     @property

@@ -17,6 +17,7 @@ tables of `rtb.scoring.tables` one function is generated at model load:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from scipy.special import expit
 from rtb.dataset_config import DatasetConfig
 from rtb.features import f32, row_deriver
 from rtb.scoring import lgbm_trees
-from rtb.scoring.artifact import LinearHead, NumericBlock, ScoringTables, TreeHead
+from rtb.scoring.artifact import BlendHead, LinearHead, NumericBlock, ScoringTables, TreeHead
 from rtb.scoring.errors import NotTabulable
 from rtb.scoring.tables import tabulate
 
@@ -159,20 +160,52 @@ def _numeric(block: NumericBlock | None, number: list[str], src: _Source) -> lis
     return out
 
 
-def _linear(head: LinearHead, groups: list[list[str]], numeric: list[str], src: _Source) -> None:
+def _linear(head: LinearHead, groups: list[list[str]], numeric: list[str], src: _Source,
+            raw: str = "raw") -> None:
     """The decision function into `raw`: order-free in float64, else float32 in column order."""
     weights = [repr(float(w)) for w in head.weights]
     if not head.float32:
         terms = [repr(head.intercept), *(v for vs in groups for v in vs)]
         terms += [f"{w} * {v}" for w, v in zip(weights, numeric, strict=True)]
-        src.emit(f"raw = {' + '.join(terms)}")
+        src.emit(f"{raw} = {' + '.join(terms)}")
         return
-    src.emit("raw = 0.0")
+    src.emit(f"{raw} = 0.0")
     for var in (v for vs in groups for v in vs):
-        src.emit(f"raw = _f32(raw + {var})")
+        src.emit(f"{raw} = _f32({raw} + {var})")
     for w, var in zip(weights, numeric, strict=True):
-        src.emit(f"raw = _f32(raw + _f32({var} * {w}))")
-    src.emit(f"raw = _f32(raw + {head.intercept!r})")
+        src.emit(f"{raw} = _f32({raw} + _f32({var} * {w}))")
+    src.emit(f"{raw} = _f32({raw} + {head.intercept!r})")
+
+
+def _trees(head: TreeHead, groups: list[list[str]], numeric: list[str], src: _Source,
+           raw: str = "raw") -> Callable:
+    """The ensemble's if/else into `raw`; returns the function giving a row's feature list
+    (what the booster's batch predictor reads)."""
+    zero = repr(lgbm_trees.ZERO_THRESHOLD)
+    for var in numeric:
+        src.emit(f"if -{zero} <= {var} <= {zero}: {var} = 0.0")
+    names = [v for vs in groups for v in vs] + numeric
+    features_of = src.function("features_of", f"[{', '.join(names)}]")
+    for line in lgbm_trees.ensemble_statements(head.ensemble, names, raw, ""):
+        src.emit(line)
+    return features_of
+
+
+def _blend(tables: ScoringTables, head: BlendHead, text: list[str], number: list[str],
+           src: _Source) -> None:
+    """Both sides of a blend into `raw`: the linear one from its own tables and a copy of the
+    raw numbers (its numeric steps change them), then the trees."""
+    linear_groups = _lookups(dataclasses.replace(tables, groups=head.linear_groups), text, src,
+                             np.asarray)
+    copies = [src.name("n") for _ in number]
+    for copy, var in zip(copies, number, strict=True):
+        src.emit(f"{copy} = {var}")
+    linear_numeric = _numeric(head.linear_numeric, copies, src)
+    _linear(head.linear, linear_groups, linear_numeric, src, raw="raw_linear")
+    tree_groups = _lookups(tables, text, src, _zero_tiny)
+    _trees(head.trees, tree_groups, _numeric(tables.numeric, number, src), src, raw="raw_trees")
+    weight = head.linear_weight
+    src.emit(f"raw = {weight!r} * raw_linear + {1.0 - weight!r} * raw_trees")
 
 
 def _zero_tiny(values: np.ndarray) -> np.ndarray:
@@ -228,20 +261,15 @@ def compile_scorer(tables: ScoringTables, cfg: DatasetConfig) -> CompiledScorer:
     text = [derived[position[name]] for name in tables.categorical]
     number = [derived[position[name]] for name in (tables.numeric.columns if tables.numeric else ())]
     head = tables.head
-    tree = isinstance(head, TreeHead)
-    groups = _lookups(tables, text, src, _zero_tiny if tree else np.asarray)
-    numeric = _numeric(tables.numeric, number, src)
     features_of = None
-    if isinstance(head, TreeHead):
-        zero = repr(lgbm_trees.ZERO_THRESHOLD)
-        for var in numeric:
-            src.emit(f"if -{zero} <= {var} <= {zero}: {var} = 0.0")
-        names = [v for vs in groups for v in vs] + numeric
-        features_of = src.function("features_of", f"[{', '.join(names)}]")
-        for line in lgbm_trees.ensemble_statements(head.ensemble, names, "raw", ""):
-            src.emit(line)
+    if isinstance(head, BlendHead):
+        _blend(tables, head, text, number, src)
+    elif isinstance(head, TreeHead):
+        groups = _lookups(tables, text, src, _zero_tiny)
+        features_of = _trees(head, groups, _numeric(tables.numeric, number, src), src)
     else:
-        _linear(head, groups, numeric, src)
+        _linear(head, _lookups(tables, text, src, np.asarray),
+                _numeric(tables.numeric, number, src), src)
     result = f"_sigmoid({tables.slope!r} * raw + {tables.intercept!r})"
     score_one = src.function("score_one", result)
     source = src.text("score_one", result)

@@ -1,6 +1,6 @@
 """The scoring tables of a fitted candidate pipeline: everything its model reads, per key.
 
-Why tables: all three candidates (`rtb.models.pipeline`) spend their categorical work on
+Why tables: all the candidates (`rtb.models.pipeline`) spend their categorical work on
 lookups of fitted values, and their numeric work on a few column-wise constants. Read once,
 those become a small artifact that a vectorised batch scorer (`rtb.scoring.batch`) and a
 generated per-request scorer (`rtb.scoring.compiled`) share, so the two cannot drift apart:
@@ -11,7 +11,8 @@ generated per-request scorer (`rtb.scoring.compiled`) share, so the two cannot d
 - the numeric block as constants (imputer fills, log1p or not, scaler mean and scale) in
   the dtype sklearn computes it in;
 - the head: a logistic regression's intercept and numeric weights (its categorical weights
-  are folded into the tables), or a LightGBM ensemble; then the Platt step.
+  are folded into the tables), or a LightGBM ensemble, or both for the blend (the linear
+  side with tables and numeric constants of its own); then the Platt step.
 
 For a logistic regression a table holds each key's *contribution to the log-odds*
 (encoding, scaling and coefficient applied once per key, rounded where sklearn rounds).
@@ -39,10 +40,17 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from rtb.models.encoders import SmoothedTargetEncoder, SparseOneHotEncoder
-from rtb.models.pipeline import LogitRecalibrated
+from rtb.models.pipeline import LinearTreeBlend, LogitRecalibrated
 from rtb.models.transforms import log1p_nonnegative
 from rtb.scoring import lgbm_trees
-from rtb.scoring.artifact import KeyTable, LinearHead, NumericBlock, ScoringTables, TreeHead
+from rtb.scoring.artifact import (
+    BlendHead,
+    KeyTable,
+    LinearHead,
+    NumericBlock,
+    ScoringTables,
+    TreeHead,
+)
 from rtb.scoring.errors import NotTabulable
 
 _PROBE_VALUES = (0.0, 1.0, -1.0, 0.5, 3.0, -2.75, 7.3, 12.0, 123.456, 1e4, 3.3e7, 1e-3, math.nan)
@@ -92,7 +100,8 @@ def tabulate(pipeline: object) -> ScoringTables:
         raise NotTabulable("ColumnTransformer produces no columns")
     width = _categorical_width(encoded) + (len(numeric.columns) if numeric else 0)
     sparse = bool(getattr(features, "sparse_output_", False))
-    head, groups = _head(calibrated.estimator_, encoded, np.result_type(*dtypes), sparse, width)
+    head, groups = _head(calibrated.estimator_, encoded, np.result_type(*dtypes), sparse, width,
+                         numeric)
     return ScoringTables(
         categorical=categorical,
         vocabularies=vocabularies,
@@ -236,22 +245,57 @@ def _check_step(step: object, probe: object, emulated: np.ndarray, label: str) -
 
 # --------------------------------------------------------------------------- heads
 def _head(
-    estimator: object, encoded: list[_Encoded], dtype: np.dtype, sparse: bool, width: int
-) -> tuple[LinearHead | TreeHead, list[KeyTable]]:
+    estimator: object, encoded: list[_Encoded], dtype: np.dtype, sparse: bool, width: int,
+    numeric: NumericBlock | None,
+) -> tuple[LinearHead | TreeHead | BlendHead, list[KeyTable]]:
     if isinstance(estimator, LogisticRegression):
         return _linear_head(estimator, encoded, dtype, sparse, width)
     if type(estimator).__name__ == "LGBMClassifier":
-        if any(e.one_hot for e in encoded):
-            raise NotTabulable("LightGBM on one-hot columns is not supported")
-        if not hasattr(estimator, "decision_function") or len(estimator.classes_) != 2:
-            raise NotTabulable("LGBMClassifier is not binary or lacks decision_function")
-        ensemble = lgbm_trees.parse_booster(estimator.booster_)
-        if ensemble.n_features > width:
-            raise NotTabulable(f"LightGBM reads {ensemble.n_features} features, the pipeline "
-                               f"gives {width}")
-        groups = [e.group for e in encoded]
-        return TreeHead(estimator, ensemble), [_as_float64(g, g.values) for g in groups]
+        return _tree_head(estimator, encoded, width)
+    if isinstance(estimator, LinearTreeBlend):
+        return _blend_head(estimator, encoded, width, numeric)
     raise NotTabulable(f"final estimator {type(estimator).__name__} is not supported")
+
+
+def _tree_head(estimator: object, encoded: list[_Encoded], width: int
+               ) -> tuple[TreeHead, list[KeyTable]]:
+    if any(e.one_hot for e in encoded):
+        raise NotTabulable("LightGBM on one-hot columns is not supported")
+    if not hasattr(estimator, "decision_function") or len(estimator.classes_) != 2:
+        raise NotTabulable("LGBMClassifier is not binary or lacks decision_function")
+    ensemble = lgbm_trees.parse_booster(estimator.booster_)
+    if ensemble.n_features > width:
+        raise NotTabulable(f"LightGBM reads {ensemble.n_features} features, the pipeline "
+                           f"gives {width}")
+    groups = [e.group for e in encoded]
+    return TreeHead(estimator, ensemble), [_as_float64(g, g.values) for g in groups]
+
+
+def _blend_head(blend: LinearTreeBlend, encoded: list[_Encoded], width: int,
+                numeric: NumericBlock | None) -> tuple[BlendHead, list[KeyTable]]:
+    """The trees on the encodings as the GBM reads them; the linear side's scaler folded into
+    per-key contributions as for `logreg_target_encoded`, its numeric steps a block of their
+    own on the same raw columns."""
+    if type(blend.trees_).__name__ != "LGBMClassifier":
+        raise NotTabulable(f"blend's trees are {type(blend.trees_).__name__}, not LGBMClassifier")
+    if any(e.one_hot for e in encoded) or (numeric is not None and numeric.fills is not None):
+        raise NotTabulable("blend expects target encodings and raw numeric columns")
+    trees, groups = _tree_head(blend.trees_, encoded, width)
+    scaled = _scaled_blocks(blend.scaler_, [e.group.values for e in encoded])
+    linear_encoded = [
+        _Encoded(KeyTable(e.group.columns, e.group.radixes, e.group.keys, values), e.offset,
+                 one_hot=False)
+        for e, values in zip(encoded, scaled, strict=True)
+    ]
+    linear_numeric = None
+    if blend.numeric_ is not None:
+        if numeric is None:
+            raise NotTabulable("blend has a numeric block but the pipeline no numeric columns")
+        linear_numeric = _numeric_block("blend numeric", blend.numeric_, list(numeric.columns))
+    dtype = np.result_type(np.float32, linear_numeric.dtype if linear_numeric else np.float32)
+    linear, linear_groups = _linear_head(blend.linear_, linear_encoded, dtype, False, width)
+    return BlendHead(trees, linear, tuple(linear_groups), linear_numeric,
+                     float(blend.linear_weight)), groups
 
 
 def _linear_head(
