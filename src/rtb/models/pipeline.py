@@ -305,7 +305,7 @@ CANDIDATES: dict[str, Callable[[DatasetConfig, int], Pipeline]] = {
     BASELINE: build_logreg_onehot,
     "logreg_target_encoded": build_logreg_target_encoded,
     "gbm_target_encoded": build_gbm_target_encoded,
-    "blend_target_encoded": build_blend_target_encoded,
+    BLEND: build_blend_target_encoded,
 }
 
 
