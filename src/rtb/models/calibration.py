@@ -61,7 +61,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-4) -> tuple[np.
 def blend_weight(pair: np.ndarray, y: np.ndarray) -> float:
     """The weight on the first of two models' log-odds (columns of `pair`) in their blend:
     the two weights of a logistic regression on both, as a share of their sum, kept within
-    [0, 1] (outside it one model is a correction to the other, not a blend with it)."""
+    [0, 1] (outside it one model is a correction to the other, not a blend with it); 0.5
+    when the two weights sum to nothing (neither model carries signal)."""
     weights, _ = fit_logistic(pair, y)
     total = float(weights.sum())
     return float(np.clip(weights[0] / total, 0.0, 1.0)) if total > 0 else 0.5

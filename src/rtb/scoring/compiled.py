@@ -12,7 +12,7 @@ tables of `rtb.scoring.tables` one function is generated at model load:
   one cache miss instead of one per value;
 - the numeric block's constants, rounding to float32 wherever sklearn computes in float32;
 - the head (a sum of contributions, or LightGBM's trees as nested if/else from
-  `rtb.scoring.lgbm_trees`), then the Platt step.
+  `rtb.scoring.lgbm_trees`, or both for the blend, weighted), then the Platt step.
 """
 
 from __future__ import annotations
