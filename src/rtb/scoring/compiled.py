@@ -29,7 +29,14 @@ from scipy.special import expit
 from rtb.dataset_config import DatasetConfig
 from rtb.features import f32, row_deriver
 from rtb.scoring import lgbm_trees
-from rtb.scoring.artifact import BlendHead, LinearHead, NumericBlock, ScoringTables, TreeHead
+from rtb.scoring.artifact import (
+    BlendHead,
+    KeyTable,
+    LinearHead,
+    NumericBlock,
+    ScoringTables,
+    TreeHead,
+)
 from rtb.scoring.errors import NotTabulable
 from rtb.scoring.tables import tabulate
 
@@ -193,16 +200,22 @@ def _trees(head: TreeHead, groups: list[list[str]], numeric: list[str], src: _So
 
 def _blend(tables: ScoringTables, head: BlendHead, text: list[str], number: list[str],
            src: _Source) -> None:
-    """Both sides of a blend into `raw`: the linear one from its own tables and a copy of the
-    raw numbers (its numeric steps change them), then the trees."""
-    linear_groups = _lookups(dataclasses.replace(tables, groups=head.linear_groups), text, src,
-                             np.asarray)
+    """Both sides of a blend into `raw`: one lookup per key for both sides' values (the two
+    sides' tables share their keys), the linear side on a copy of the raw numbers (its
+    numeric steps change them), then the trees."""
+    joined = tuple(
+        KeyTable(trees.columns, trees.radixes, trees.keys,
+                 np.hstack([_zero_tiny(trees.values), linear.values]))
+        for trees, linear in zip(tables.groups, head.linear_groups, strict=True)
+    )
+    both = _lookups(dataclasses.replace(tables, groups=joined), text, src, np.asarray)
+    tree_groups = [values[: group.width] for values, group in zip(both, tables.groups, strict=True)]
+    linear_groups = [values[group.width :] for values, group in zip(both, tables.groups, strict=True)]
     copies = [src.name("n") for _ in number]
     for copy, var in zip(copies, number, strict=True):
         src.emit(f"{copy} = {var}")
     linear_numeric = _numeric(head.linear_numeric, copies, src)
     _linear(head.linear, linear_groups, linear_numeric, src, raw="raw_linear")
-    tree_groups = _lookups(tables, text, src, _zero_tiny)
     _trees(head.trees, tree_groups, _numeric(tables.numeric, number, src), src, raw="raw_trees")
     weight = head.linear_weight
     src.emit(f"raw = {weight!r} * raw_linear + {1.0 - weight!r} * raw_trees")
